@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "$GREETING ($(cat /usr/local/bin/arch))"

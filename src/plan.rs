@@ -1,0 +1,117 @@
+//! `strata plan`: reads a Dockerfile and prints the stage instances a build would run.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use strata_shared::dag;
+use strata_shared::dockerfile::Dockerfile;
+use strata_shared::dockerfile::stages::BuildOptions;
+use strata_shared::platform::Platform;
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The build context directory.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads standard input).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// The stage to build (default: the last one).
+    #[arg(long)]
+    target: Option<String>,
+    /// A build argument, `KEY=VALUE`, or `KEY` to take the value from the environment.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// Target platforms, comma-separated or repeated (default: this machine's).
+    #[arg(long = "platform", value_delimiter = ',')]
+    platforms: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Dot,
+}
+
+/// Reads the Dockerfile named by `-f`/the context, returning its display name and text.
+pub fn read_dockerfile(context: &Path, file: Option<&Path>) -> Result<(String, String)> {
+    let path = match file {
+        Some(p) if p == Path::new("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the Dockerfile from standard input")?;
+            return Ok(("<stdin>".into(), s));
+        }
+        Some(p) => p.to_path_buf(),
+        None => context.join("Dockerfile"),
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((
+        path.display().to_string(),
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+/// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment and is skipped when
+/// the environment has none, as Docker does.
+pub fn parse_build_args(raw: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in raw {
+        match a.split_once('=') {
+            Some(("", _)) => bail!("invalid --build-arg {a:?}: the name is empty"),
+            Some((k, v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    out.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses `--platform` values; none means this machine's platform.
+pub fn parse_platforms(raw: &[String]) -> Result<Vec<Platform>> {
+    if raw.is_empty() {
+        return Ok(vec![Platform::host()]);
+    }
+    let mut out: Vec<Platform> = Vec::new();
+    for p in raw {
+        let p: Platform = p.trim().parse().map_err(|e| anyhow!("--platform: {e}"))?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: PlanArgs) -> Result<()> {
+    let (name, source) = read_dockerfile(&args.context, args.file.as_deref())?;
+    let df = Dockerfile::parse(&source).map_err(|e| anyhow!(e.render(&name, &source)))?;
+    for w in &df.ast.warnings {
+        eprintln!("warning: {name}:{}: {}", w.line, w.message);
+    }
+    let opts = BuildOptions {
+        build_args: parse_build_args(&args.build_args)?,
+        target: args.target,
+    };
+    let platforms = parse_platforms(&args.platforms)?;
+    let plan = dag::plan(&df, &opts, &Platform::host(), &platforms)
+        .map_err(|e| anyhow!(e.render(&name, &source)))?;
+    match args.format {
+        Format::Text => print!("{}", plan.to_text()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&plan.to_json())?),
+        Format::Dot => print!("{}", plan.to_dot()),
+    }
+    Ok(())
+}

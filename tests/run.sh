@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every check and test of strata on a fresh Debian machine, installing what is missing.
+# Usage: bash tests/run.sh            (from the repository root)
+# Environment: CARGO_TARGET_DIR (default /var/tmp/strata-target, outside the clone so that
+# repeated runs reuse the build), STRATA_SKIP_LINT=1 to skip fmt and clippy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/strata-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+need_apt=()
+install_apt() {
+  [ "${#need_apt[@]}" -eq 0 ] && return 0
+  echo "== installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+}
+install_apt
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo is required (install Rust with rustup)" >&2
+  exit 1
+fi
+
+if [ "${STRATA_SKIP_LINT:-0}" != 1 ]; then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+if [ ! -d ../shared/conformance ]; then
+  echo "note: ../shared/conformance is missing: BuildKit conformance tests will report SKIPPED"
+fi
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

@@ -1,0 +1,3 @@
+//! Integration tests of the `strata` program, compiled into one test binary.
+
+mod plan_cli;
