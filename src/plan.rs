@@ -110,7 +110,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .map_err(|e| anyhow!(e.render(&name, &source)))?;
     match args.format {
         Format::Text => print!("{}", plan.to_text()),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&plan.to_json())?),
+        Format::Json => println!("{}", plan.to_json()),
         Format::Dot => print!("{}", plan.to_dot()),
     }
     Ok(())

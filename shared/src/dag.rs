@@ -182,31 +182,69 @@ impl Plan {
         self.nodes[id]
     }
 
-    /// `{"stages": [...], "targets": [...], "critical_path": [...]}`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let stages: Vec<serde_json::Value> = self
-            .instances
-            .iter()
-            .map(|i| {
-                serde_json::json!({
-                    "id": i.id,
-                    "index": i.index,
-                    "name": i.name,
-                    "platform": i.platform.to_string(),
-                    "targets": i.targets.iter().map(Platform::to_string).collect::<Vec<_>>(),
-                    "base": i.base,
-                    "depends_on": i.depends_on.iter().map(|&d| self.instances[d].index).collect::<Vec<_>>(),
-                    "depends_on_ids": i.depends_on,
-                    "steps": i.steps,
+    /// `{"stages": [...], "targets": [...], "critical_path": {...}}`, pretty-printed, fields in
+    /// a fixed order.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct StageJson<'a> {
+            id: usize,
+            index: usize,
+            name: &'a str,
+            platform: String,
+            targets: Vec<String>,
+            base: &'a str,
+            depends_on: Vec<usize>,
+            depends_on_ids: &'a [usize],
+            steps: usize,
+        }
+        #[derive(Serialize)]
+        struct TargetJson {
+            platform: String,
+            id: usize,
+        }
+        #[derive(Serialize)]
+        struct PathJson {
+            ids: Vec<usize>,
+            steps: usize,
+        }
+        #[derive(Serialize)]
+        struct PlanJson<'a> {
+            stages: Vec<StageJson<'a>>,
+            targets: Vec<TargetJson>,
+            critical_path: PathJson,
+        }
+        let (ids, steps) = self.critical_path();
+        let plan = PlanJson {
+            stages: self
+                .instances
+                .iter()
+                .map(|i| StageJson {
+                    id: i.id,
+                    index: i.index,
+                    name: &i.name,
+                    platform: i.platform.to_string(),
+                    targets: i.targets.iter().map(Platform::to_string).collect(),
+                    base: &i.base,
+                    depends_on: i
+                        .depends_on
+                        .iter()
+                        .map(|&d| self.instances[d].index)
+                        .collect(),
+                    depends_on_ids: &i.depends_on,
+                    steps: i.steps,
                 })
-            })
-            .collect();
-        let (path, total) = self.critical_path();
-        serde_json::json!({
-            "stages": stages,
-            "targets": self.targets.iter().map(|(p, id)| serde_json::json!({"platform": p.to_string(), "id": id})).collect::<Vec<_>>(),
-            "critical_path": { "ids": path, "steps": total },
-        })
+                .collect(),
+            targets: self
+                .targets
+                .iter()
+                .map(|(p, id)| TargetJson {
+                    platform: p.to_string(),
+                    id: *id,
+                })
+                .collect(),
+            critical_path: PathJson { ids, steps },
+        };
+        serde_json::to_string_pretty(&plan).unwrap_or_default()
     }
 
     /// A human-readable listing.

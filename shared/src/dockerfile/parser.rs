@@ -91,20 +91,12 @@ impl Node {
         s.trim().to_string()
     }
 
-    /// This instruction as Dockerfile text that parses back to the same node: one logical
-    /// line (continuations joined) followed by its heredoc bodies.
-    pub fn to_dockerfile(&self) -> String {
-        let mut out = String::new();
-        self.print_line(&mut out);
-        for doc in &self.heredocs {
-            out.push('\n');
-            out.push_str(&doc.content);
-            out.push_str(&doc.name);
+    fn print_line(&self, out: &mut String, escape: char) {
+        if !is_known_keyword(&self.command()) {
+            // Unknown instructions keep no arguments in the tree: print the line itself.
+            out.push_str(self.original.trim());
+            return;
         }
-        out
-    }
-
-    fn print_line(&self, out: &mut String) {
         out.push_str(&self.keyword);
         for f in &self.flags {
             out.push(' ');
@@ -112,8 +104,15 @@ impl Node {
         }
         let rest = if let Some(sub) = &self.sub {
             let mut s = String::new();
-            sub.print_line(&mut s);
+            sub.print_line(&mut s, escape);
             s
+        } else if self.json && self.command() == "healthcheck" {
+            match self.args.split_first() {
+                Some((typ, cmd)) => {
+                    format!("{typ} {}", serde_json::to_string(cmd).unwrap_or_default())
+                }
+                None => String::new(),
+            }
         } else if self.json {
             serde_json::to_string(&self.args).unwrap_or_default()
         } else {
@@ -127,10 +126,27 @@ impl Node {
                     })
                     .collect::<Vec<_>>()
                     .join(" "),
-                _ if self.args.len() == 1 && self.args[0].is_empty() => String::new(),
+                "add" | "copy" | "volume" => {
+                    // Words that only look like a JSON array once joined with spaces keep
+                    // a separator JSON does not allow.
+                    let joined = self.args.join(" ");
+                    if matches!(parse_json(&joined), Ok(Some(_)) | Err(_)) {
+                        self.args.join("\x0b")
+                    } else {
+                        joined
+                    }
+                }
                 _ => self.args.join(" "),
             }
         };
+        let mut rest = rest;
+        if matches!(self.command().as_str(), "env" | "label" | "arg")
+            && rest.ends_with(char::is_whitespace)
+        {
+            // Blanks ending an unterminated quote: an escape character at the end keeps them
+            // (it is dropped when read) where trimming the line would lose them.
+            rest.push(escape);
+        }
         if !rest.is_empty() {
             out.push(' ');
             if rest.starts_with("--") {
@@ -217,14 +233,37 @@ impl Ast {
             out.push_str(&format!("# escape={}\n", self.escape));
         }
         for c in &self.children {
-            out.push_str(&c.to_dockerfile());
+            if c.keyword.is_empty() {
+                // A continuation that ran into the end of the file: only ever the last node.
+                out.push(self.escape);
+            } else {
+                let mut line = String::new();
+                c.print_line(&mut line, self.escape);
+                if !trim_continuation(&line, self.escape).1 {
+                    // The line ends in a literal escape character that would read as a
+                    // continuation: a vertical tab, trimmed from instructions but not part of
+                    // the continuation rule, keeps it literal.
+                    line.push('\x0b');
+                }
+                out.push_str(&line);
+                for doc in &c.heredocs {
+                    out.push('\n');
+                    out.push_str(&doc.content);
+                    out.push_str(&doc.name);
+                }
+            }
             out.push('\n');
+        }
+        if out.starts_with('\u{feff}') {
+            // A leading byte-order mark is dropped when read: keep the one that belongs.
+            out.insert(0, '\u{feff}');
         }
         out
     }
 }
 
-/// A flag as `--name=value`, its value quoted when it holds blanks, quotes or backslashes.
+/// A flag as `--name=value`, quoted after the dashes when it holds blanks, quotes or
+/// backslashes.
 fn quote_flag(flag: &str) -> String {
     if !flag
         .chars()
@@ -232,8 +271,10 @@ fn quote_flag(flag: &str) -> String {
     {
         return flag.to_string();
     }
-    let split = flag.find('=').map_or(2.min(flag.len()), |i| i + 1);
-    let (head, value) = flag.split_at(split);
+    let (head, value) = match flag.strip_prefix("--") {
+        Some(rest) => ("--", rest),
+        None => ("", flag),
+    };
     let mut out = format!("{head}\"");
     for c in value.chars() {
         if c == '"' || c == '\\' {
@@ -490,6 +531,30 @@ fn split_first_whitespace(s: &str) -> (&str, Option<&str>) {
         }
         None => (s, None),
     }
+}
+
+fn is_known_keyword(command: &str) -> bool {
+    matches!(
+        command,
+        "add"
+            | "arg"
+            | "cmd"
+            | "copy"
+            | "entrypoint"
+            | "env"
+            | "expose"
+            | "from"
+            | "healthcheck"
+            | "label"
+            | "maintainer"
+            | "onbuild"
+            | "run"
+            | "shell"
+            | "stopsignal"
+            | "user"
+            | "volume"
+            | "workdir"
+    )
 }
 
 /// Splits a logical line into its keyword, flags and arguments, and shapes the arguments the

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::instructions::{Command, Instruction, Mount, SourceContent, Stage};
+use super::instructions::{Command, Instruction, Mount, SourceContent};
 use super::shell::{Env, Lexer};
 use super::{Dockerfile, FrontendError, Range, suggest};
 use crate::platform::Platform;
@@ -387,17 +387,25 @@ pub fn resolve(
         }
     }
 
-    // Declared arguments per stage, for everything that keys on them.
-    for (i, stage) in stage_defs.iter().enumerate() {
-        let mut scope = Scope::for_stage(&resolution, i, opts, &EnvList::default());
-        for ins in &stage.commands {
-            if let Command::Arg(_) = ins.command {
+    // Declared arguments of the stages that run, for everything that keys on them. A child
+    // stage starts from its parent's scope.
+    let mut scopes: BTreeMap<usize, Scope> = BTreeMap::new();
+    for &i in &reachable {
+        let mut scope = match resolution.stages[i].base {
+            Source::Stage(p) => scopes.get(&p).cloned().ok_or_else(|| {
+                FrontendError::at(stage_defs[i].range, "base stage is not resolved")
+            })?,
+            _ => Scope::new(&resolution, opts, df.ast.escape, &EnvList::default()),
+        };
+        for ins in &stage_defs[i].commands {
+            if matches!(ins.command, Command::Arg(_) | Command::Env(_)) {
                 scope
                     .apply(ins)
                     .map_err(|m| FrontendError::at(ins.range, m))?;
             }
         }
-        resolution.stages[i].args = scope.declared;
+        resolution.stages[i].args = scope.declared.clone();
+        scopes.insert(i, scope);
     }
     Ok(resolution)
 }
@@ -482,50 +490,30 @@ fn check_cycles(stages: &[ResolvedStage]) -> Result<(), FrontendError> {
 /// What is in scope while a stage's instructions run: the environment (image ENV, stage ENV
 /// and ARG values), and the build arguments declared so far.
 #[derive(Debug, Clone)]
-pub struct Scope<'a> {
+pub struct Scope {
     lexer: Lexer,
-    global: &'a EnvList,
-    build_args: &'a BTreeMap<String, String>,
+    global: EnvList,
+    build_args: BTreeMap<String, String>,
     /// The environment commands run with and words expand against.
     pub env: EnvList,
     /// The environment the image config records (ENV only, never ARG).
     pub image_env: EnvList,
-    /// ARGs declared in this stage, in order, with their values.
+    /// ARGs declared in this stage and the stages it is built on, in order, with values.
     pub declared: Vec<(String, Option<String>)>,
 }
 
-impl<'a> Scope<'a> {
-    /// The scope at the start of stage `index`: its base stage's scope if it has one (a child
-    /// stage inherits its parent's environment and arguments), else `image_env` from the base
-    /// image's config.
-    pub fn for_stage(
-        res: &'a Resolution,
-        index: usize,
-        opts: &'a BuildOptions,
-        image_env: &EnvList,
-    ) -> Self {
-        let mut scope = Scope {
-            lexer: Lexer::new('\\'),
-            global: &res.global_args,
-            build_args: &opts.build_args,
+impl Scope {
+    /// The scope at the start of a stage built on an image whose config has `image_env`.
+    /// A stage built on another stage starts from a clone of that stage's final scope.
+    pub fn new(res: &Resolution, opts: &BuildOptions, escape: char, image_env: &EnvList) -> Self {
+        Scope {
+            lexer: Lexer::new(escape),
+            global: res.global_args.clone(),
+            build_args: opts.build_args.clone(),
             env: image_env.clone(),
             image_env: image_env.clone(),
             declared: Vec::new(),
-        };
-        if let Source::Stage(parent) = res.stages[index].base {
-            for (k, v) in res.stages[parent].args.iter() {
-                if let Some(v) = v {
-                    scope.env.set(k, v);
-                }
-            }
         }
-        scope
-    }
-
-    /// Uses the Dockerfile's escape character for expansion.
-    pub fn with_escape(mut self, escape: char) -> Self {
-        self.lexer = Lexer::new(escape);
-        self
     }
 
     fn word(&self, w: &str) -> Result<String, String> {
@@ -663,25 +651,37 @@ impl<'a> Scope<'a> {
     }
 }
 
-/// A stage instruction list as text for plans and keys: every instruction after expansion in
-/// its scope.
-pub fn expanded_instructions(
+/// Every instruction of the stages that run, expanded in its scope, stage by stage (stages
+/// the target does not need are left out). Base images' environments are taken as empty.
+pub fn expanded_stages(
+    df: &Dockerfile,
     res: &Resolution,
-    stage: &Stage,
-    index: usize,
     opts: &BuildOptions,
-    escape: char,
-) -> Result<Vec<Command>, FrontendError> {
-    let mut scope = Scope::for_stage(res, index, opts, &EnvList::default()).with_escape(escape);
-    stage
-        .commands
-        .iter()
-        .map(|ins| {
-            scope
-                .apply(ins)
-                .map_err(|m| FrontendError::at(ins.range, m))
-        })
-        .collect()
+) -> Result<BTreeMap<usize, Vec<Command>>, FrontendError> {
+    let mut scopes: BTreeMap<usize, Scope> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for i in res.reachable() {
+        let stage = &df.parsed.stages[i];
+        let mut scope = match res.stages[i].base {
+            Source::Stage(p) => scopes
+                .get(&p)
+                .cloned()
+                .ok_or_else(|| FrontendError::at(stage.range, "base stage is not resolved"))?,
+            _ => Scope::new(res, opts, df.ast.escape, &EnvList::default()),
+        };
+        let cmds = stage
+            .commands
+            .iter()
+            .map(|ins| {
+                scope
+                    .apply(ins)
+                    .map_err(|m| FrontendError::at(ins.range, m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.insert(i, cmds);
+        scopes.insert(i, scope);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -768,7 +768,7 @@ mod tests {
         let opts = BuildOptions::default();
         let p = Platform::host();
         let r = resolve(&df, &opts, &p, &p).unwrap();
-        let cmds = expanded_instructions(&r, &df.parsed.stages[0], 0, &opts, '\\').unwrap();
+        let cmds = &expanded_stages(&df, &r, &opts).unwrap()[&0];
         let Command::Env(kv) = &cmds[0] else { panic!() };
         assert_eq!(kv[0].value, "");
     }
@@ -781,7 +781,7 @@ mod tests {
         let opts = BuildOptions::default();
         let p = Platform::host();
         let r = resolve(&df, &opts, &p, &p).unwrap();
-        let cmds = expanded_instructions(&r, &df.parsed.stages[0], 0, &opts, '\\').unwrap();
+        let cmds = &expanded_stages(&df, &r, &opts).unwrap()[&0];
         let Command::Env(kv) = &cmds[1] else { panic!() };
         assert_eq!(kv[1].value, "1");
         assert_eq!(cmds[2], Command::Workdir("/x/1".into()));
@@ -789,6 +789,105 @@ mod tests {
             panic!()
         };
         assert_eq!(run.command.args, vec!["echo $a"]);
+    }
+
+    fn expand_all(src: &str, args: &[(&str, &str)]) -> BTreeMap<usize, Vec<Command>> {
+        let df = Dockerfile::parse(src).unwrap();
+        let opts = BuildOptions {
+            build_args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            target: None,
+        };
+        let p = Platform::host();
+        let r = resolve(&df, &opts, &p, &p).unwrap();
+        expanded_stages(&df, &r, &opts).unwrap()
+    }
+
+    #[test]
+    fn which_instructions_expand() {
+        let src = r#"FROM busybox
+ARG V=1
+ENV D=/data U=app
+LABEL "k$V"="v $V" plain=$D
+COPY --chown=$U:$U --chmod=$V$V$V src$V/ $D/xy
+ADD --checksum=sha256:$V http://example.com/f$V $D/
+WORKDIR $D/w
+USER $U
+VOLUME $D/vol
+STOPSIGNAL SIG$V
+EXPOSE $V-2/tcp 80
+RUN --mount=type=cache,target=$D/cache,id=c$V echo $V
+CMD echo $V
+ENTRYPOINT ["echo", "$V"]
+HEALTHCHECK CMD echo $V
+SHELL ["/bin/sh", "-c$V"]
+ONBUILD RUN echo $V
+COPY <<EOF <<'RAW' /dst/
+value $V "quoted"
+EOF
+value $V
+RAW
+"#;
+        let cmds = &expand_all(src, &[])[&0];
+        let Command::Label(l) = &cmds[2] else {
+            panic!()
+        };
+        assert_eq!((l[0].key.as_str(), l[0].value.as_str()), ("k1", "v 1"));
+        assert_eq!(l[1].value, "/data");
+        let Command::Copy(c) = &cmds[3] else { panic!() };
+        assert_eq!(c.chown.as_deref(), Some("app:app"));
+        assert_eq!(c.chmod.as_deref(), Some("111"));
+        assert_eq!(c.paths.sources, vec!["src1/"]);
+        assert_eq!(c.paths.dest, "/data/xy");
+        let Command::Add(a) = &cmds[4] else { panic!() };
+        assert_eq!(a.checksum.as_deref(), Some("sha256:1"));
+        assert_eq!(a.paths.sources, vec!["http://example.com/f1"]);
+        assert_eq!(cmds[5], Command::Workdir("/data/w".into()));
+        assert_eq!(cmds[6], Command::User("app".into()));
+        assert_eq!(cmds[7], Command::Volume(vec!["/data/vol".into()]));
+        assert_eq!(cmds[8], Command::StopSignal("SIG1".into()));
+        assert_eq!(
+            cmds[9],
+            Command::Expose(vec!["1-2/tcp".into(), "80".into()])
+        );
+        let Command::Run(r) = &cmds[10] else { panic!() };
+        assert_eq!(r.mounts[0].target.as_deref(), Some("/data/cache"));
+        assert_eq!(r.mounts[0].id.as_deref(), Some("c1"));
+        assert_eq!(r.command.args, vec!["echo $V"], "RUN is left to the shell");
+        let Command::Cmd(c) = &cmds[11] else { panic!() };
+        assert_eq!(c.args, vec!["echo $V"]);
+        let Command::Entrypoint(e) = &cmds[12] else {
+            panic!()
+        };
+        assert_eq!(e.args, vec!["echo", "$V"]);
+        let Command::Healthcheck(h) = &cmds[13] else {
+            panic!()
+        };
+        assert_eq!(h.test, vec!["CMD-SHELL", "echo $V"]);
+        assert_eq!(
+            cmds[14],
+            Command::Shell(vec!["/bin/sh".into(), "-c$V".into()])
+        );
+        assert_eq!(cmds[15], Command::Onbuild("RUN echo $V".into()));
+        let Command::Copy(c) = &cmds[16] else {
+            panic!()
+        };
+        assert_eq!(c.paths.contents[0].data, "value 1 \"quoted\"\n");
+        assert_eq!(c.paths.contents[1].data, "value $V\n");
+    }
+
+    #[test]
+    fn child_stage_inherits_env_and_args() {
+        let src = "FROM busybox AS parent\nARG A=from-parent\nENV E=env-$A\nFROM parent\nARG B=$E+$A\nWORKDIR /$B\n";
+        let all = expand_all(src, &[]);
+        assert_eq!(
+            all[&1][1],
+            Command::Workdir("/env-from-parent+from-parent".into())
+        );
+        let all = expand_all(src, &[("A", "cli")]);
+        assert_eq!(all[&1][1], Command::Workdir("/env-cli+cli".into()));
     }
 
     #[test]
