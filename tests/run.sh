@@ -9,7 +9,19 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/strata-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# Debian packages the end-to-end tests use: the OCI runtime, the registry that serves the
+# busybox fixture images, the tools that check strata's outputs, QEMU for emulated platforms.
 need_apt=()
+for pair in runc:runc skopeo:skopeo umoci:umoci docker-registry:docker-registry \
+  qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support htpasswd:apache2-utils \
+  xz:xz-utils bzip2:bzip2; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  # The arm64 busybox-static package is fetched with `apt-get download` for the fixture index.
+  dpkg --add-architecture arm64
+  need_apt+=(ca-certificates)
+fi
 install_apt() {
   [ "${#need_apt[@]}" -eq 0 ] && return 0
   echo "== installing Debian packages: ${need_apt[*]}"

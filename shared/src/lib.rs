@@ -6,8 +6,14 @@
 //!   per requested platform.
 //! - [`platform`]: OCI platforms (`linux/arm64/v8`), parsing and normalisation.
 //! - [`reference`]: image references, normalised as Docker does.
+//! - [`oci`]: OCI descriptors, manifests, indexes and image configs.
+//! - [`cachekey`]: build-step cache keys (BuildKit's semantics, blake3).
+//! - [`store`]: the content-addressed blob store (blake3 keys) on `object_store`.
 
+pub mod cachekey;
 pub mod dag;
 pub mod dockerfile;
+pub mod oci;
 pub mod platform;
 pub mod reference;
+pub mod store;

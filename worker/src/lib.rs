@@ -1,4 +1,12 @@
-//! `strata-worker`: runs the stage jobs of a strata build in containers and stores their
-//! layers.
-
-pub use strata_shared as shared;
+//! `strata-worker`: the build engine. It runs the stage jobs of a build: pulls base images,
+//! assembles root filesystems from layers, runs steps in containers through an OCI runtime,
+//! turns each step's changes into a layer, and stores layers in the content-addressed store.
+pub mod copy;
+pub mod engine;
+pub mod executor;
+pub mod layer;
+pub mod metadata;
+pub mod progress;
+pub mod registry;
+pub mod rootfs;
+pub mod snapshot;

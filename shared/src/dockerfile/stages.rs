@@ -55,6 +55,22 @@ impl EnvList {
         self.0.iter().map(|(k, _)| k.as_str())
     }
 
+    /// Reads `KEY=value` strings (an image config's `Env`); an entry without `=` is a key with
+    /// an empty value.
+    pub fn from_strings<S: AsRef<str>>(entries: &[S]) -> Self {
+        let mut env = EnvList::default();
+        for e in entries {
+            let (k, v) = e.as_ref().split_once('=').unwrap_or((e.as_ref(), ""));
+            env.set(k, v);
+        }
+        env
+    }
+
+    /// The pairs, in order.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
     /// `KEY=value` strings, as an image config or a process environment wants them.
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(|(k, v)| format!("{k}={v}")).collect()
@@ -514,6 +530,22 @@ impl Scope {
             image_env: image_env.clone(),
             declared: Vec::new(),
         }
+    }
+
+    /// The scope a stage built on another stage starts with: the parent's environment and
+    /// declared arguments, and the parent's image config environment.
+    pub fn inherit(
+        res: &Resolution,
+        opts: &BuildOptions,
+        escape: char,
+        image_env: &EnvList,
+        env: EnvList,
+        declared: Vec<(String, Option<String>)>,
+    ) -> Self {
+        let mut scope = Scope::new(res, opts, escape, image_env);
+        scope.env = env;
+        scope.declared = declared;
+        scope
     }
 
     fn word(&self, w: &str) -> Result<String, String> {
