@@ -3,7 +3,10 @@
 //! `main` only parses the command line, runs the chosen command and prints the whole error
 //! chain when it fails; each command lives in its own module.
 
+mod build;
+mod local;
 mod plan;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -19,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
+    /// Build an image from a Dockerfile and a context (embedded coordinator and worker).
+    Build(build::BuildArgs),
     /// Print the stages a build would run, per platform, pruned to the target.
     Plan(plan::PlanArgs),
 }
@@ -26,6 +31,7 @@ enum Commands {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Commands::Build(args) => build::run(args),
         Commands::Plan(args) => plan::run(args),
     };
     match result {

@@ -14,7 +14,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 need_apt=()
 for pair in runc:runc skopeo:skopeo umoci:umoci docker-registry:docker-registry \
   qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support htpasswd:apache2-utils \
-  xz:xz-utils bzip2:bzip2; do
+  xz:xz-utils bzip2:bzip2 zstd:zstd; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then

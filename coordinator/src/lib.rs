@@ -1,6 +1,10 @@
-//! `strata-coordinator`: the Raft-replicated coordinator of a strata cluster.
+//! `strata-coordinator`: the coordinator of a strata cluster.
 //!
 //! It takes build requests, turns each Dockerfile into stage jobs with the frontend in
-//! `strata-shared`, schedules the jobs on workers, and assembles the final images.
+//! `strata-shared`, drives the jobs on workers ([`build`]), and assembles and exports the final
+//! images ([`export`]).
+
+pub mod build;
+pub mod export;
 
 pub use strata_shared as shared;

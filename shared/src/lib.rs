@@ -8,12 +8,16 @@
 //! - [`reference`]: image references, normalised as Docker does.
 //! - [`oci`]: OCI descriptors, manifests, indexes and image configs.
 //! - [`cachekey`]: build-step cache keys (BuildKit's semantics, blake3).
+//! - [`job`]: stage jobs, their outputs and errors.
+//! - [`progress`]: build progress events.
 //! - [`store`]: the content-addressed blob store (blake3 keys) on `object_store`.
 
 pub mod cachekey;
 pub mod dag;
 pub mod dockerfile;
+pub mod job;
 pub mod oci;
 pub mod platform;
+pub mod progress;
 pub mod reference;
 pub mod store;

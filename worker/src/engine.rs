@@ -12,108 +12,33 @@
 //! from the cache; otherwise the step runs in a fresh snapshot of the stage's layers, and the
 //! snapshot's changes become a layer stored under its blake3 key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use strata_shared::cachekey::{KeyBuilder, image_key, scratch_key};
+use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::instructions::{
     Command, CommandLine, Instruction, MountType, Network, Run, SourcesAndDest, Stage,
     parse_command,
 };
 use strata_shared::dockerfile::parser;
-use strata_shared::dockerfile::stages::{
-    BuildOptions, EnvList, Resolution, Scope, Source, resolve,
-};
-use strata_shared::dockerfile::{Dockerfile, FrontendError, Range};
+use strata_shared::dockerfile::stages::{EnvList, Resolution, Scope, Source, resolve};
 use strata_shared::oci::{DEFAULT_PATH, ImageConfig};
 use strata_shared::platform::Platform;
 use strata_shared::reference::ImageRef;
-use strata_shared::store::{BlobMeta, BlobStore, CacheEntry, RECORD_VERSION, StoreError};
+use strata_shared::store::{BlobMeta, BlobStore, CacheEntry, RECORD_VERSION};
 use tokio::sync::Mutex;
 
 use crate::copy::{CopySpec, DockerIgnore, Owner, copy_into, fetch_urls, source_digest};
 use crate::executor::{self, MountSource, NetworkMode, ProcessSpec, RunRequest, Runc};
-use crate::layer::{Compression, LayerBlob};
+use crate::layer::LayerBlob;
 use crate::metadata::{self, StageFlags};
-use crate::progress::{Event, Progress};
 use crate::registry::RegistryClient;
 use crate::snapshot::{ActiveSnapshot, Snapshotter};
-
-/// The result of a stage job: what a later stage, or the exporter, builds on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StageOutput {
-    /// The image config after the stage's last instruction (history included).
-    pub config: ImageConfig,
-    /// The layers, bottom first; every one is in the store.
-    pub layers: Vec<BlobMeta>,
-    /// The cache key of the stage's filesystem state.
-    pub key: String,
-    /// The environment the stage's commands ran with at its end (ENV and ARG values).
-    pub env: Vec<(String, String)>,
-    /// Build arguments declared by the stage and the stages it is built on.
-    pub declared: Vec<(String, Option<String>)>,
-}
-
-/// One stage to build for one platform.
-#[derive(Debug, Clone)]
-pub struct StageJob {
-    /// Identifies the job in progress events.
-    pub id: usize,
-    /// The Dockerfile's text.
-    pub dockerfile: String,
-    pub options: BuildOptions,
-    pub build_platform: Platform,
-    /// The platform the build targets (the value of `TARGETPLATFORM`).
-    pub target_platform: Platform,
-    /// Index of the stage in the Dockerfile.
-    pub stage: usize,
-    /// Outputs of the stages this one uses, by stage index.
-    pub inputs: BTreeMap<usize, StageOutput>,
-    /// The build context directory.
-    pub context: PathBuf,
-    /// Prefix progress labels with the platform (multi-platform builds).
-    pub show_platform: bool,
-    pub no_cache: bool,
-    /// `--secret id=..,src=..`: secret id to the file holding it.
-    pub secrets: BTreeMap<String, PathBuf>,
-    /// `--allow network.host`.
-    pub allow_host_network: bool,
-    pub compression: Compression,
-}
-
-/// A failed build step, saying where and what.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// An error about a Dockerfile line (the CLI shows the line).
-    #[error("{}", .0.message)]
-    Dockerfile(FrontendError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl BuildError {
-    fn at(range: Range, message: impl Into<String>) -> Self {
-        BuildError::Dockerfile(FrontendError::at(range, message))
-    }
-
-    /// The Dockerfile lines the error is about, if any.
-    pub fn range(&self) -> Option<Range> {
-        match self {
-            BuildError::Dockerfile(e) => e.range,
-            _ => None,
-        }
-    }
-}
-
-impl From<FrontendError> for BuildError {
-    fn from(e: FrontendError) -> Self {
-        BuildError::Dockerfile(e)
-    }
-}
+pub use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
+use strata_shared::progress::{Event, Progress};
 
 /// A base image pulled into the store.
 #[derive(Debug, Clone)]
@@ -121,6 +46,8 @@ struct Pulled {
     manifest_digest: String,
     config: ImageConfig,
     layers: Vec<BlobMeta>,
+    /// Whether any layer had to be downloaded (else the step is reported as cached).
+    downloaded: bool,
 }
 
 /// Directories of the engine's state.
@@ -237,7 +164,14 @@ impl Engine {
                     ctx.failed(&msg);
                     BuildError::at(def.range, msg)
                 })?;
-                ctx.done(started);
+                if pulled.downloaded {
+                    ctx.done(started);
+                } else {
+                    ctx.progress.send(Event::Cached {
+                        job: job.id,
+                        n: ctx.n,
+                    });
+                }
                 let env = EnvList::from_strings(&pulled.config.config.env);
                 let scope = Scope::new(&res, &job.options, df.ast.escape, &env);
                 let key = image_key(&pulled.manifest_digest, &platform);
@@ -382,7 +316,10 @@ impl Engine {
     async fn pull(&self, image: &ImageRef, platform: &Platform) -> Result<Pulled, BuildError> {
         let memo_key = (image.to_string(), platform.clone());
         if let Some(p) = self.pulled.lock().await.get(&memo_key) {
-            return Ok(p.clone());
+            return Ok(Pulled {
+                downloaded: false,
+                ..p.clone()
+            });
         }
         let resolved = self
             .registry
@@ -399,11 +336,13 @@ impl Engine {
             )));
         }
         let mut layers = Vec::new();
+        let mut downloaded = false;
         for (desc, diff_id) in resolved.layers.iter().zip(&config.rootfs.diff_ids) {
             if let Some(meta) = self.store.by_digest(&desc.digest).await? {
                 layers.push(meta);
                 continue;
             }
+            downloaded = true;
             let tmp = self.dirs.tmp.join(self.unique("pull"));
             self.registry
                 .fetch_blob(image, &desc.digest, &tmp)
@@ -431,6 +370,7 @@ impl Engine {
             manifest_digest: resolved.manifest_digest.clone(),
             config,
             layers,
+            downloaded,
         };
         self.pulled.lock().await.insert(memo_key, pulled.clone());
         Ok(pulled)

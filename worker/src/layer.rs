@@ -68,36 +68,7 @@ const BLOCK: u64 = 512;
 /// Symlinks followed while resolving one path before giving up (the kernel's own limit).
 const MAX_SYMLINK_HOPS: u32 = 40;
 
-/// How a layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    /// gzip ([`GZIP_LEVEL`]), the media type every registry and runtime accepts.
-    Gzip,
-    /// zstd ([`ZSTD_LEVEL`]), with a content checksum in the frame.
-    Zstd,
-    /// A plain tar.
-    Uncompressed,
-}
-
-impl Compression {
-    /// The OCI media type of a layer compressed this way.
-    pub fn media_type(self) -> &'static str {
-        match self {
-            Compression::Gzip => MEDIA_TYPE_TAR_GZIP,
-            Compression::Zstd => MEDIA_TYPE_TAR_ZSTD,
-            Compression::Uncompressed => MEDIA_TYPE_TAR,
-        }
-    }
-
-    /// The file-name extension given to blobs compressed this way (`tar.gz`, `tar.zst`, `tar`).
-    pub fn extension(self) -> &'static str {
-        match self {
-            Compression::Gzip => "tar.gz",
-            Compression::Zstd => "tar.zst",
-            Compression::Uncompressed => "tar",
-        }
-    }
-}
+pub use strata_shared::job::Compression;
 
 /// A layer blob written to disk, with all its identities computed in the same pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -532,6 +503,60 @@ fn walk_upper(
         }
     }
     Ok(())
+}
+
+/// Marks upper directories that equal their lower counterpart as not emitted (their children
+/// still decide, through [`close_emission`]). Directories inside an opaque directory are new.
+fn skip_copied_up_dirs(nodes: &mut [Node], lowers: &[PathBuf]) -> Result<(), LayerError> {
+    let mut in_opaque = vec![false; nodes.len()];
+    for i in 0..nodes.len() {
+        let parent_opaque = nodes[i].parent.is_some_and(|p| in_opaque[p]);
+        let NodeKind::Real { stat, .. } = &nodes[i].kind else {
+            continue;
+        };
+        if stat.kind != FileKind::Dir {
+            continue;
+        }
+        in_opaque[i] = parent_opaque || stat.is_opaque();
+        if in_opaque[i] {
+            continue;
+        }
+        if lower_stat(lowers, &nodes[i].rel)?.is_some_and(|lower| lower.same_metadata(stat)) {
+            nodes[i].emit = false;
+        }
+    }
+    Ok(())
+}
+
+/// What the overlay shows at `rel` without the upper dir: the topmost lower entry, unless a
+/// whiteout or an opaque directory above it hides it.
+fn lower_stat(lowers: &[PathBuf], rel: &Path) -> Result<Option<Stat>, LayerError> {
+    let components: Vec<&OsStr> = rel.iter().collect();
+    'lowers: for lower in lowers {
+        let mut path = lower.clone();
+        let mut hides_below = false;
+        for (depth, name) in components.iter().enumerate() {
+            path.push(name);
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                if hides_below {
+                    return Ok(None);
+                }
+                continue 'lowers;
+            };
+            let stat = Stat::read(&path)?;
+            if stat.is_whiteout() {
+                return Ok(None);
+            }
+            if depth + 1 == components.len() {
+                return Ok(Some(stat));
+            }
+            if !meta.is_dir() {
+                return Ok(None);
+            }
+            hides_below |= stat.is_opaque();
+        }
+    }
+    Ok(None)
 }
 
 /// The state of the tree before a step, for [`walk_diff`].
@@ -1261,13 +1286,20 @@ fn write_nodes(
 ///
 /// Sockets are skipped (as Docker does). An upper dir written with overlay's `redirect_dir` or
 /// `metacopy` features is refused: its changes are not all in the upper dir.
+///
+/// `lowers` are the overlay's lower dirs, top first. A directory that overlay only copied up
+/// (the step created and removed something inside it, or a mount point stub was cleaned up)
+/// and whose metadata equals the lower one is left out unless something below it changed, as
+/// BuildKit's overlay differ does.
 pub fn write_layer_from_upper(
     upper: &Path,
+    lowers: &[PathBuf],
     out_dir: &Path,
     compression: Compression,
 ) -> Result<Option<LayerBlob>, LayerError> {
     let mut nodes = Vec::new();
     walk_upper(upper, Path::new(""), None, &mut nodes)?;
+    skip_copied_up_dirs(&mut nodes, lowers)?;
     close_emission(&mut nodes);
     write_nodes(&nodes, out_dir, compression)
 }
@@ -2207,7 +2239,7 @@ pub(crate) mod tests {
         let empty = tmp.path().join("empty");
         fs::create_dir(&empty).unwrap();
         let out = tmp.path().join("out");
-        let a = write_layer_from_upper(&tree, &out, Compression::Gzip)
+        let a = write_layer_from_upper(&tree, &[], &out, Compression::Gzip)
             .unwrap()
             .unwrap();
         let b = write_layer_from_diff(&empty, &tree, &out, Compression::Gzip)
@@ -2284,7 +2316,7 @@ pub(crate) mod tests {
         set_all_mtimes(&upper, 1_650_000_000);
 
         let out = tmp.path().join("out");
-        let blob = write_layer_from_upper(&upper, &out, Compression::Zstd)
+        let blob = write_layer_from_upper(&upper, &[], &out, Compression::Zstd)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -2377,7 +2409,7 @@ pub(crate) mod tests {
         fs::create_dir(&upper).unwrap();
         let out = tmp.path().join("out");
         assert_eq!(
-            write_layer_from_upper(&upper, &out, Compression::Gzip).unwrap(),
+            write_layer_from_upper(&upper, &[], &out, Compression::Gzip).unwrap(),
             None
         );
         let a = tmp.path().join("a");

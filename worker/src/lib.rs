@@ -6,7 +6,6 @@ pub mod engine;
 pub mod executor;
 pub mod layer;
 pub mod metadata;
-pub mod progress;
 pub mod registry;
 pub mod rootfs;
 pub mod snapshot;

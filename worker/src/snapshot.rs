@@ -250,6 +250,7 @@ impl Snapshotter {
             kind: self.kind,
             mounted: false,
             manifest: None,
+            lowers: Vec::new(),
         };
         fs::create_dir(&snapshot.rootfs).map_err(io_err("create directory", &snapshot.rootfs))?;
         match self.kind {
@@ -267,6 +268,7 @@ impl Snapshotter {
                 }
                 mount_overlay(&snapshot.dir, &lowers, &snapshot.rootfs)?;
                 snapshot.mounted = true;
+                snapshot.lowers = lowers;
             }
             SnapshotKind::Copy => {
                 for (diff_id, dir) in layers.iter().zip(&dirs) {
@@ -368,6 +370,8 @@ pub struct ActiveSnapshot {
     mounted: bool,
     /// The rootfs as prepared (copy kind).
     manifest: Option<Manifest>,
+    /// The overlay's lower dirs, top first (overlay kind).
+    lowers: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ActiveSnapshot {
@@ -406,7 +410,9 @@ impl ActiveSnapshot {
             (SnapshotKind::Copy, Some(manifest)) => {
                 write_layer_from_manifest(manifest, &self.rootfs, out_dir, compression)?
             }
-            _ => write_layer_from_upper(&self.dir.join("upper"), out_dir, compression)?,
+            _ => {
+                write_layer_from_upper(&self.dir.join("upper"), &self.lowers, out_dir, compression)?
+            }
         };
         Ok(blob)
     }
@@ -577,6 +583,44 @@ mod tests {
     #[test]
     fn copy_step_cycle() {
         step_cycle(SnapshotKind::Copy);
+    }
+
+    #[test]
+    fn dirs_only_copied_up_are_no_change() {
+        for kind in [SnapshotKind::Overlay, SnapshotKind::Copy] {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Snapshotter::open(&tmp.path().join("store"), Some(kind)).unwrap();
+            let out = tmp.path().join("blobs");
+            let base = tmp.path().join("base");
+            write_file(&base.join("etc/passwd"), b"root:x:0:0::/:/bin/sh\n");
+            write_file(&base.join("usr/lib/x"), b"x");
+            set_all_mtimes(&base, 1_600_000_000);
+            let l1 = layer_of_tree(&base, &out);
+            store.ensure_layer(&l1.path, &l1.diff_id).unwrap();
+            let snap = store.prepare(std::slice::from_ref(&l1.diff_id)).unwrap();
+            let rootfs = snap.rootfs().to_path_buf();
+            // A mount point stub made and cleaned up, the directory's times put back.
+            let etc = rootfs.join("etc");
+            let before = fs::metadata(&etc).unwrap();
+            write_file(&etc.join("hosts"), b"");
+            fs::remove_file(etc.join("hosts")).unwrap();
+            let atime = filetime::FileTime::from_last_access_time(&before);
+            let mtime = filetime::FileTime::from_last_modification_time(&before);
+            filetime::set_file_times(&etc, atime, mtime).unwrap();
+            assert_eq!(
+                snap.diff(&out, Compression::Gzip).unwrap(),
+                None,
+                "{kind:?}"
+            );
+            // A real change below a copied-up directory still brings its parents.
+            write_file(&rootfs.join("usr/lib/new"), b"new");
+            let blob = snap.diff(&out, Compression::Gzip).unwrap().unwrap();
+            assert_eq!(
+                entry_names(&blob.path),
+                ["usr/", "usr/lib/", "usr/lib/new"],
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

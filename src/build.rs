@@ -1,0 +1,345 @@
+//! `strata build`: with no cluster configured, an embedded coordinator drives the local build
+//! engine in this process, then exports the image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use strata_coordinator::build::{self as driver, BuildRequest, Runner};
+use strata_coordinator::export;
+use strata_shared::dockerfile::stages::BuildOptions;
+use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
+use strata_shared::platform::Platform;
+use strata_shared::progress::{Event, Progress};
+use strata_shared::reference::ImageRef;
+use strata_shared::store::BlobStore;
+use strata_worker::engine::Engine;
+
+use crate::plan::{parse_build_args, parse_platforms, read_dockerfile};
+use crate::progress;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build context directory.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads standard input).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Name (and tag) of the image, `NAME[:TAG]`; may be repeated.
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// The stage to build (default: the last one).
+    #[arg(long)]
+    target: Option<String>,
+    /// A build argument, `KEY=VALUE`, or `KEY` to take the value from the environment.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// Target platforms, comma-separated or repeated (default: this machine's).
+    #[arg(long = "platform", value_delimiter = ',')]
+    platforms: Vec<String>,
+    /// Where the image goes: `type=oci,dest=FILE`, `type=docker,dest=FILE`,
+    /// `type=local,dest=DIR`, with `compression=gzip|zstd|uncompressed` for new layers;
+    /// a bare path means `type=local,dest=PATH`.
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value_t = progress::Mode::Auto)]
+    progress: progress::Mode,
+    /// Run every step even if the cache holds its result.
+    #[arg(long)]
+    no_cache: bool,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE")]
+    secrets: Vec<String>,
+    /// Extra privileges: `network.host` lets `RUN --network=host` use the host's network.
+    #[arg(long = "allow", value_delimiter = ',')]
+    allow: Vec<String>,
+}
+
+/// One `--output`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Oci(PathBuf),
+    Docker(PathBuf),
+    Local(PathBuf),
+}
+
+/// Parses the `--output` values; all of them must agree on the compression.
+pub fn parse_outputs(raw: &[String]) -> Result<(Vec<Output>, Compression)> {
+    let mut outputs = Vec::new();
+    let mut compression = None;
+    for spec in raw {
+        if !spec.contains('=') {
+            outputs.push(Output::Local(PathBuf::from(spec)));
+            continue;
+        }
+        let mut fields = BTreeMap::new();
+        for part in spec.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
+            fields.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let kind = fields
+            .remove("type")
+            .ok_or_else(|| anyhow!("--output {spec:?}: missing type= (oci, docker or local)"))?;
+        if let Some(c) = fields.remove("compression") {
+            let c = match c.as_str() {
+                "gzip" => Compression::Gzip,
+                "zstd" => Compression::Zstd,
+                "uncompressed" => Compression::Uncompressed,
+                other => bail!(
+                    "--output {spec:?}: unknown compression {other:?} (gzip, zstd, uncompressed)"
+                ),
+            };
+            if compression.is_some_and(|prev| prev != c) {
+                bail!("--output: the outputs ask for different compressions");
+            }
+            compression = Some(c);
+        }
+        let dest = fields.remove("dest").map(PathBuf::from);
+        let need_dest =
+            |d: Option<PathBuf>| d.ok_or_else(|| anyhow!("--output {spec:?}: missing dest="));
+        let out = match kind.as_str() {
+            "oci" => Output::Oci(need_dest(dest)?),
+            "docker" => Output::Docker(need_dest(dest)?),
+            "local" => Output::Local(need_dest(dest)?),
+            "image" | "registry" => bail!(
+                "--output {spec:?}: pushing to a registry is not available in this version; export with type=oci and push it with `skopeo copy`"
+            ),
+            other => bail!("--output {spec:?}: unknown type {other:?} (oci, docker, local)"),
+        };
+        fields.remove("name");
+        if let Some(k) = fields.keys().next() {
+            bail!("--output {spec:?}: unknown option {k:?}");
+        }
+        outputs.push(out);
+    }
+    Ok((outputs, compression.unwrap_or_default()))
+}
+
+/// `--secret id=ID,src=FILE` or `id=ID,env=VAR` (the value is written to a private file).
+fn parse_secrets(raw: &[String], scratch: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for spec in raw {
+        let mut id = None;
+        let mut src = None;
+        let mut env = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file" | "env")) => {}
+                _ => bail!("--secret {spec:?}: expected id=ID,src=FILE or id=ID,env=VAR"),
+            }
+        }
+        let id = id
+            .or_else(|| {
+                src.as_ref()
+                    .and_then(|s| s.file_name())
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .or_else(|| env.clone())
+            .ok_or_else(|| anyhow!("--secret {spec:?}: missing id="))?;
+        let path = match (src, env) {
+            (Some(src), None) => {
+                if !src.is_file() {
+                    bail!(
+                        "--secret {spec:?}: {} is not a readable file",
+                        src.display()
+                    );
+                }
+                src
+            }
+            (None, Some(var)) => {
+                let value = std::env::var(&var)
+                    .map_err(|_| anyhow!("--secret {spec:?}: ${var} is not set"))?;
+                let file = scratch.join(format!("secret-env-{}-{}", std::process::id(), out.len()));
+                write_private(&file, value.as_bytes())?;
+                file
+            }
+            _ => bail!("--secret {spec:?}: give exactly one of src= or env="),
+        };
+        out.insert(id, path);
+    }
+    Ok(out)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Where the embedded cluster keeps its state: `STRATA_STATE_DIR`, else the user's cache
+/// directory (`$XDG_CACHE_HOME/strata` or `~/.cache/strata`).
+pub fn state_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("STRATA_STATE_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("strata"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            anyhow!("set STRATA_STATE_DIR (or HOME) to say where strata keeps its state")
+        })?;
+    Ok(PathBuf::from(home).join(".cache").join("strata"))
+}
+
+/// The embedded worker: this process's build engine.
+struct LocalWorker {
+    engine: Engine,
+}
+
+impl Runner for LocalWorker {
+    async fn run(&self, job: StageJob, progress: Progress) -> Result<StageOutput, BuildError> {
+        self.engine.run_stage(&job, &progress).await
+    }
+}
+
+pub fn run(args: BuildArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(build(args))
+}
+
+async fn build(args: BuildArgs) -> Result<()> {
+    let (file_name, dockerfile) = read_dockerfile(&args.context, args.file.as_deref())?;
+    // Errors name the Dockerfile as BuildKit does: by its file name.
+    let short_name = Path::new(&file_name)
+        .file_name()
+        .map_or_else(|| file_name.clone(), |n| n.to_string_lossy().into_owned());
+    let context = std::fs::canonicalize(&args.context)
+        .with_context(|| format!("build context {}", args.context.display()))?;
+    if !context.is_dir() {
+        bail!("build context {} is not a directory", context.display());
+    }
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| ImageRef::parse(t).map_err(|e| anyhow!("-t {t}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let (outputs, compression) = parse_outputs(&args.outputs)?;
+    let mut allow_host_network = false;
+    for a in &args.allow {
+        match a.as_str() {
+            "network.host" => allow_host_network = true,
+            other => bail!("--allow {other:?}: unknown entitlement (network.host)"),
+        }
+    }
+
+    let state = state_dir()?;
+    let scratch = state.join("tmp");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let secrets = parse_secrets(&args.secrets, &scratch)?;
+    let store = BlobStore::local(&state.join("store")).context("opening the blob store")?;
+    let engine = Engine::open(&state.join("worker"), store.clone()).map_err(|e| anyhow!("{e}"))?;
+
+    let req = BuildRequest {
+        dockerfile: dockerfile.clone(),
+        context,
+        options: BuildOptions {
+            build_args: parse_build_args(&args.build_args)?,
+            target: args.target.clone(),
+        },
+        platforms: parse_platforms(&args.platforms)?,
+        build_platform: Platform::host(),
+        no_cache: args.no_cache,
+        secrets,
+        allow_host_network,
+        compression,
+    };
+    let render = |e: BuildError| match e {
+        BuildError::Dockerfile(f) => anyhow!("{}", f.render(&short_name, &dockerfile)),
+        other => anyhow!("{other}"),
+    };
+    // Check the plan before anything runs, so a Dockerfile error is reported at once.
+    driver::plan(&req).map_err(render)?;
+
+    let (progress, rx) = Progress::channel();
+    let printer = tokio::spawn(progress::print(args.progress, rx));
+    let result = async {
+        let worker = Arc::new(LocalWorker { engine });
+        let built = driver::run(&req, worker, &progress).await.map_err(render)?;
+        if outputs.is_empty() {
+            progress.send(Event::Note {
+                text: "no --output given: the result stays in the build cache".into(),
+            });
+            return Ok(());
+        }
+        let image = export::assemble(&built.images, &export::creation_time())
+            .map_err(|e| anyhow!("{e}"))?;
+        let root = image.root();
+        for out in &outputs {
+            let started = std::time::Instant::now();
+            let what = match out {
+                Output::Oci(dest) => {
+                    export::write_oci_tar(&store, &image, &tags, dest, &scratch).await?;
+                    format!("OCI image {} to {}", root.digest, dest.display())
+                }
+                Output::Docker(dest) => {
+                    export::write_docker_tar(&store, &image, &tags, dest, &scratch).await?;
+                    format!(
+                        "docker image {} to {}",
+                        image.images[0].config_digest,
+                        dest.display()
+                    )
+                }
+                Output::Local(dest) => {
+                    crate::local::export(&store, &built.images, dest, &scratch).await?;
+                    format!("files to {}", dest.display())
+                }
+            };
+            progress.send(Event::Note {
+                text: format!("exported {what} in {:.1}s", started.elapsed().as_secs_f64()),
+            });
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    drop(progress);
+    let _ = printer.await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_parse_like_buildx() {
+        let (outs, c) = parse_outputs(&[
+            "type=oci,dest=out.tar,compression=zstd".into(),
+            "dir".into(),
+        ])
+        .unwrap();
+        assert_eq!(
+            outs,
+            vec![Output::Oci("out.tar".into()), Output::Local("dir".into())]
+        );
+        assert_eq!(c, Compression::Zstd);
+        let err = parse_outputs(&["type=tarball,dest=x".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown type \"tarball\""),
+            "{err}"
+        );
+        let err = parse_outputs(&["type=oci".into()]).unwrap_err();
+        assert!(err.to_string().contains("missing dest="), "{err}");
+    }
+}
