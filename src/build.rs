@@ -16,6 +16,7 @@ use strata_shared::progress::{Event, Progress};
 use strata_shared::reference::ImageRef;
 use strata_shared::store::BlobStore;
 use strata_worker::engine::Engine;
+use strata_worker::snapshot::SnapshotKind;
 
 use crate::plan::{parse_build_args, parse_platforms, read_dockerfile};
 use crate::progress;
@@ -249,7 +250,14 @@ async fn build(args: BuildArgs) -> Result<()> {
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let secrets = parse_secrets(&args.secrets, &scratch)?;
     let store = BlobStore::local(&state.join("store")).context("opening the blob store")?;
-    let engine = Engine::open(&state.join("worker"), store.clone()).map_err(|e| anyhow!("{e}"))?;
+    let snapshots = match std::env::var("STRATA_SNAPSHOTTER").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => None,
+        Ok("overlay") => Some(SnapshotKind::Overlay),
+        Ok("copy") => Some(SnapshotKind::Copy),
+        Ok(other) => bail!("STRATA_SNAPSHOTTER={other:?}: expected overlay, copy or auto"),
+    };
+    let engine = Engine::open_with(&state.join("worker"), store.clone(), snapshots)
+        .map_err(|e| anyhow!("{e}"))?;
 
     let req = BuildRequest {
         dockerfile: dockerfile.clone(),

@@ -15,15 +15,22 @@ struct Fixture {
     state: tempfile::TempDir,
     ctx: tempfile::TempDir,
     out: tempfile::TempDir,
+    /// Extra environment for `strata`.
+    env: Vec<(String, String)>,
 }
 
 impl Fixture {
     fn new() -> Fixture {
+        Self::with_registry(busybox_registry())
+    }
+
+    fn with_registry(registry: Registry) -> Fixture {
         Fixture {
-            registry: busybox_registry(),
+            registry,
             state: tempfile::tempdir().expect("tempdir"),
             ctx: tempfile::tempdir().expect("tempdir"),
             out: tempfile::tempdir().expect("tempdir"),
+            env: Vec::new(),
         }
     }
 
@@ -53,6 +60,7 @@ impl Fixture {
         cmd.arg(self.ctx.path())
             .args(args)
             .env("STRATA_STATE_DIR", self.state.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -852,4 +860,129 @@ fn independent_stages_run_at_once_and_progress_has_three_forms() {
             .any(|l| l.starts_with('#') && l.ends_with(" CACHED")),
         "{plain}"
     );
+}
+
+#[test]
+fn both_snapshotters_record_deletions_links_and_modes() {
+    for snapshotter in ["overlay", "copy"] {
+        let mut f = Fixture::new();
+        f.env
+            .push(("STRATA_SNAPSHOTTER".into(), snapshotter.into()));
+        f.write(
+            "Dockerfile",
+            "FROM {BUSYBOX}\n\
+             RUN mkdir -p /etc/old && echo o > /etc/old/f\n\
+             RUN rm /etc/passwd && rm -rf /etc/old && mkdir /etc/old && echo new > /etc/old/g \\\n\
+               && ln -s /etc/old/g /link && ln /etc/old/g /hard && chmod 4750 /etc/old/g\n",
+        );
+        let oci = f.out("img.tar");
+        let (dir, log) = f.build_local(
+            "rootfs",
+            &["--output", &format!("type=oci,dest={}", oci.display())],
+        );
+        assert!(
+            !dir.join("etc/passwd").exists(),
+            "{snapshotter}: deleted file stays deleted"
+        );
+        assert!(
+            !dir.join("etc/old/f").exists(),
+            "{snapshotter}: replaced dir hides the old entries\n{log}"
+        );
+        assert_eq!(read(&dir.join("etc/old/g")), "new\n");
+        assert_eq!(
+            fs::read_link(dir.join("link")).expect("symlink"),
+            PathBuf::from("/etc/old/g")
+        );
+        use std::os::unix::fs::MetadataExt;
+        let g = fs::metadata(dir.join("etc/old/g")).expect("g");
+        let hard = fs::metadata(dir.join("hard")).expect("hard");
+        assert_eq!(g.ino(), hard.ino(), "{snapshotter}: hard link kept");
+        assert_eq!(g.mode() & 0o7777, 0o4750);
+        // The last layer spells the deletion as a whiteout.
+        let index: Value = serde_json::from_slice(&tar_member(&oci, "index.json")).expect("index");
+        let manifest_digest = index["manifests"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .to_string();
+        let manifest: Value =
+            serde_json::from_slice(&tar_member(&oci, &blob_name(&manifest_digest)))
+                .expect("manifest");
+        let last = manifest["layers"]
+            .as_array()
+            .and_then(|l| l.last())
+            .expect("layer");
+        let blob = f.out("last.tar.gz");
+        fs::write(
+            &blob,
+            tar_member(&oci, &blob_name(last["digest"].as_str().expect("digest"))),
+        )
+        .expect("write");
+        let listing = tool(Command::new("tar").arg("-tzf").arg(&blob));
+        assert!(
+            listing.lines().any(|l| l == "etc/.wh.passwd"),
+            "{snapshotter}:\n{listing}"
+        );
+    }
+}
+
+fn blob_name(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+#[test]
+fn base_images_by_digest_from_a_registry_with_basic_auth() {
+    let registry = Registry::start_with_basic_auth("builder", "pa55word");
+    registry.push_layout(&strata_testkit::busybox_layout(), "library/busybox:latest");
+    let mut f = Fixture::with_registry(registry);
+    let index: Value = serde_json::from_slice(
+        &fs::read(strata_testkit::busybox_layout().join("index.json")).expect("index"),
+    )
+    .expect("json");
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    f.write(
+        "Dockerfile",
+        &format!(
+            "FROM {}/library/busybox@{digest}\nRUN echo pulled > /p\n",
+            f.registry.addr()
+        ),
+    );
+    let err = f.build_err(&[]);
+    assert!(
+        err.contains("Dockerfile:1:") && err.contains("has no credentials for"),
+        "no credentials:\n{err}"
+    );
+
+    // Credentials from a Docker config file, as `docker login` writes it.
+    let config_dir = f.out("docker-config");
+    fs::create_dir_all(&config_dir).expect("mkdir");
+    let auth = tool(Command::new("sh").args(["-c", "printf builder:pa55word | base64"]));
+    let config = serde_json::json!({"auths": {f.registry.addr(): {"auth": auth.trim()}}});
+    fs::write(config_dir.join("config.json"), config.to_string()).expect("write");
+    f.env
+        .push(("DOCKER_CONFIG".into(), config_dir.display().to_string()));
+    let (dir, _) = f.build_local("rootfs", &[]);
+    assert_eq!(read(&dir.join("p")), "pulled\n");
+
+    // Every layer is in the store under the blake3 of its bytes, with its sha256 beside it.
+    let store = f.state.path().join("store");
+    let mut layers = 0;
+    for entry in fs::read_dir(store.join("blobs/b3")).expect("blobs/b3") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let bytes = fs::read(&path).expect("blob");
+        assert_eq!(blake3::hash(&bytes).to_hex().as_str(), name);
+        let meta: Value =
+            serde_json::from_slice(&fs::read(store.join("meta/b3").join(&name)).expect("meta"))
+                .expect("json");
+        assert_eq!(meta["digest"], strata_testkit::sha256_digest(&bytes));
+        layers += 1;
+    }
+    assert!(layers >= 2, "the base layer and the RUN layer are stored");
 }

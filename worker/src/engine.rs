@@ -36,7 +36,7 @@ use crate::executor::{self, MountSource, NetworkMode, ProcessSpec, RunRequest, R
 use crate::layer::LayerBlob;
 use crate::metadata::{self, StageFlags};
 use crate::registry::RegistryClient;
-use crate::snapshot::{ActiveSnapshot, Snapshotter};
+use crate::snapshot::{ActiveSnapshot, SnapshotKind, Snapshotter};
 pub use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::progress::{Event, Progress};
 
@@ -83,8 +83,18 @@ fn io(context: impl std::fmt::Display, e: std::io::Error) -> BuildError {
 }
 
 impl Engine {
-    /// Opens the engine's state under `state_dir` with `store` as the blob store.
+    /// Opens the engine's state under `state_dir` with `store` as the blob store; snapshots use
+    /// overlayfs where it works, else copies.
     pub fn open(state_dir: &Path, store: BlobStore) -> Result<Self, BuildError> {
+        Self::open_with(state_dir, store, None)
+    }
+
+    /// The same, with the snapshot kind forced (`None` detects it).
+    pub fn open_with(
+        state_dir: &Path,
+        store: BlobStore,
+        snapshots: Option<SnapshotKind>,
+    ) -> Result<Self, BuildError> {
         let dirs = Dirs {
             blobs: state_dir.join("blobs"),
             tmp: state_dir.join("tmp"),
@@ -93,7 +103,7 @@ impl Engine {
         for d in [&dirs.blobs, &dirs.tmp, &dirs.cache_mounts] {
             std::fs::create_dir_all(d).map_err(|e| io(d.display(), e))?;
         }
-        let snapshots = Snapshotter::open(&state_dir.join("snapshots"), None)
+        let snapshots = Snapshotter::open(&state_dir.join("snapshots"), snapshots)
             .map_err(|e| BuildError::Other(format!("snapshots: {e}")))?;
         let runc = Runc::new(None, &state_dir.join("runc"))
             .map_err(|e| BuildError::Other(format!("runc: {e}")))?;
