@@ -6,6 +6,7 @@
 //!   per requested platform.
 //! - [`platform`]: OCI platforms (`linux/arm64/v8`), parsing and normalisation.
 //! - [`reference`]: image references, normalised as Docker does.
+//! - [`registry`]: the OCI distribution API client (pull, auth).
 //! - [`oci`]: OCI descriptors, manifests, indexes and image configs.
 //! - [`cachekey`]: build-step cache keys (BuildKit's semantics, blake3).
 //! - [`job`]: stage jobs, their outputs and errors.
@@ -20,4 +21,5 @@ pub mod oci;
 pub mod platform;
 pub mod progress;
 pub mod reference;
+pub mod registry;
 pub mod store;

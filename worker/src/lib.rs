@@ -6,6 +6,6 @@ pub mod engine;
 pub mod executor;
 pub mod layer;
 pub mod metadata;
-pub mod registry;
+pub use strata_shared::registry;
 pub mod rootfs;
 pub mod snapshot;

@@ -27,13 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::platform::Platform;
+use crate::reference::{DOCKER_HUB, ImageRef};
 use base64::Engine as _;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, WWW_AUTHENTICATE};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest as _, Sha256};
-use strata_shared::platform::Platform;
-use strata_shared::reference::{DOCKER_HUB, ImageRef};
 use tokio::io::AsyncWriteExt as _;
 
 /// OCI image index (a multi-platform image).
