@@ -9,6 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use strata_coordinator::build::{self as driver, BuildRequest, Runner};
 use strata_coordinator::export;
+use strata_coordinator::placement::WorkerInfo;
 use strata_shared::dockerfile::stages::BuildOptions;
 use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::platform::Platform;
@@ -58,6 +59,9 @@ pub struct BuildArgs {
     /// Extra privileges: `network.host` lets `RUN --network=host` use the host's network.
     #[arg(long = "allow", value_delimiter = ',')]
     allow: Vec<String>,
+    /// Whether stages of a platform this machine cannot run natively may run under QEMU.
+    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+    emulation: String,
 }
 
 /// One `--output`.
@@ -201,6 +205,14 @@ pub fn state_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("strata"))
 }
 
+/// The embedded worker as placement sees it: this machine's platforms.
+pub fn local_worker() -> WorkerInfo {
+    WorkerInfo {
+        name: "local".into(),
+        capabilities: strata_worker::platforms::detect(),
+    }
+}
+
 /// The embedded worker: this process's build engine.
 struct LocalWorker {
     engine: Engine,
@@ -272,6 +284,11 @@ async fn build(args: BuildArgs) -> Result<()> {
         secrets,
         allow_host_network,
         compression,
+        workers: vec![local_worker()],
+        emulation: args
+            .emulation
+            .parse()
+            .map_err(|e: String| anyhow!("--emulation: {e}"))?,
     };
     let render = |e: BuildError| match e {
         BuildError::Dockerfile(f) => anyhow!("{}", f.render(&short_name, &dockerfile)),

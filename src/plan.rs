@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
+use strata_coordinator::placement::{Emulation, place_plan};
 use strata_shared::dag;
 use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
@@ -31,6 +32,9 @@ pub struct PlanArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Whether stages of a platform this machine cannot run natively may run under QEMU.
+    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+    emulation: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -106,8 +110,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
         target: args.target,
     };
     let platforms = parse_platforms(&args.platforms)?;
-    let plan = dag::plan(&df, &opts, &Platform::host(), &platforms)
+    let mut plan = dag::plan(&df, &opts, &Platform::host(), &platforms)
         .map_err(|e| anyhow!(e.render(&name, &source)))?;
+    let emulation: Emulation = args
+        .emulation
+        .parse()
+        .map_err(|e: String| anyhow!("--emulation: {e}"))?;
+    place_plan(&mut plan, &[crate::build::local_worker()], emulation)
+        .map_err(|e| anyhow!("{e}"))?;
     match args.format {
         Format::Text => print!("{}", plan.to_text()),
         Format::Json => println!("{}", plan.to_json()),

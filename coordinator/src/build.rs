@@ -18,6 +18,8 @@ use strata_shared::platform::Platform;
 use strata_shared::progress::Progress;
 use tokio::task::JoinSet;
 
+use crate::placement::{Emulation, WorkerInfo, place_plan};
+
 /// Runs stage jobs: the local engine in embedded mode, a remote worker in a cluster.
 pub trait Runner: Send + Sync + 'static {
     fn run(
@@ -41,6 +43,9 @@ pub struct BuildRequest {
     pub secrets: BTreeMap<String, PathBuf>,
     pub allow_host_network: bool,
     pub compression: Compression,
+    /// The workers stages may be placed on.
+    pub workers: Vec<WorkerInfo>,
+    pub emulation: Emulation,
 }
 
 /// A finished build: the plan it ran and the image of each target platform.
@@ -50,13 +55,21 @@ pub struct BuildResult {
     pub images: Vec<(Platform, StageOutput)>,
 }
 
-/// Plans a request.
+/// Plans a request and places every stage on a worker of its platform.
 pub fn plan(req: &BuildRequest) -> Result<(Dockerfile, Plan), BuildError> {
     let df = Dockerfile::parse(&req.dockerfile)?;
     if req.platforms.is_empty() {
         return Err(BuildError::Other("no target platform given".into()));
     }
-    let plan = dag::plan(&df, &req.options, &req.build_platform, &req.platforms)?;
+    let mut plan = dag::plan(&df, &req.options, &req.build_platform, &req.platforms)?;
+    place_plan(&mut plan, &req.workers, req.emulation).map_err(|e| {
+        // Name a stage of the platform that cannot be placed, with its FROM line.
+        let stage = plan.instances.iter().find(|i| i.platform == e.platform);
+        match stage.and_then(|i| df.parsed.stages.get(i.index)) {
+            Some(st) => BuildError::at(st.range, e.message),
+            None => BuildError::Other(e.message),
+        }
+    })?;
     Ok((df, plan))
 }
 
@@ -183,11 +196,19 @@ mod tests {
             context: PathBuf::from("."),
             options: BuildOptions::default(),
             platforms: vec![p.clone()],
-            build_platform: p,
+            build_platform: p.clone(),
             no_cache: false,
             secrets: BTreeMap::new(),
             allow_host_network: false,
             compression: Compression::Gzip,
+            workers: vec![WorkerInfo {
+                name: "local".into(),
+                capabilities: strata_shared::platform::Capabilities {
+                    native: vec![p.clone()],
+                    emulated: Vec::new(),
+                },
+            }],
+            emulation: Emulation::Allow,
         }
     }
 

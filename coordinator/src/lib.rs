@@ -6,5 +6,6 @@
 
 pub mod build;
 pub mod export;
+pub mod placement;
 
 pub use strata_shared as shared;

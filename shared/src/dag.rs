@@ -42,10 +42,19 @@ pub struct StageInstance {
     pub steps: usize,
 }
 
+/// Where an instance runs: the worker, and whether its platform is emulated there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub worker: String,
+    pub emulated: bool,
+}
+
 /// The stage instances of a build and the graph between them.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub instances: Vec<StageInstance>,
+    /// Where each instance runs, once placed (same order as `instances`).
+    pub placements: Vec<Placement>,
     /// For each requested platform, the id of the instance that produces its image.
     pub targets: Vec<(Platform, usize)>,
     /// Edges from an instance to the instances that depend on it.
@@ -139,6 +148,7 @@ pub fn plan(
     }
     Ok(Plan {
         instances,
+        placements: Vec::new(),
         targets,
         graph,
         nodes,
@@ -196,6 +206,10 @@ impl Plan {
             depends_on: Vec<usize>,
             depends_on_ids: &'a [usize],
             steps: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            worker: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            emulated: Option<bool>,
         }
         #[derive(Serialize)]
         struct TargetJson {
@@ -232,6 +246,8 @@ impl Plan {
                         .collect(),
                     depends_on_ids: &i.depends_on,
                     steps: i.steps,
+                    worker: self.placements.get(i.id).map(|p| p.worker.as_str()),
+                    emulated: self.placements.get(i.id).map(|p| p.emulated),
                 })
                 .collect(),
             targets: self
@@ -267,6 +283,10 @@ impl Plan {
             if i.targets.len() > 1 || i.targets.first() != Some(&i.platform) {
                 let t: Vec<String> = i.targets.iter().map(Platform::to_string).collect();
                 let _ = write!(out, "  for {}", t.join(", "));
+            }
+            if let Some(p) = self.placements.get(i.id) {
+                let how = if p.emulated { "emulated" } else { "native" };
+                let _ = write!(out, "  on {} ({how})", p.worker);
             }
             out.push('\n');
         }

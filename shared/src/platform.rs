@@ -52,6 +52,75 @@ impl fmt::Display for Platform {
     }
 }
 
+impl Platform {
+    /// Whether a machine (or an emulator) of platform `machine` runs binaries of `self`, as
+    /// containerd matches: the same OS and architecture, and for `amd64` and `arm` a variant
+    /// no newer than the machine's (an `amd64/v3` machine runs `amd64`, `v2` and `v3`; an
+    /// `arm/v7` one runs `v5` to `v7`). `arm64/v8` is `arm64`.
+    pub fn runs_on(&self, machine: &Platform) -> bool {
+        if self.os != machine.os || self.architecture != machine.architecture {
+            return false;
+        }
+        if self.variant == machine.variant {
+            return true;
+        }
+        let default = match self.architecture.as_str() {
+            "amd64" => 1,
+            "arm" => 7,
+            _ => return false,
+        };
+        let level = |v: &str| -> Option<u32> {
+            if v.is_empty() {
+                Some(default)
+            } else {
+                v.strip_prefix('v')?.parse().ok()
+            }
+        };
+        matches!((level(&self.variant), level(&machine.variant)), (Some(want), Some(have)) if want <= have)
+    }
+}
+
+/// The platforms one worker builds for: natively, and through user-mode emulation (QEMU
+/// registered with binfmt_misc).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub native: Vec<Platform>,
+    pub emulated: Vec<Platform>,
+}
+
+impl Capabilities {
+    /// Whether `p` runs natively here.
+    pub fn native_for(&self, p: &Platform) -> bool {
+        self.native.iter().any(|m| p.runs_on(m))
+    }
+
+    /// Whether `p` runs here under emulation.
+    pub fn emulated_for(&self, p: &Platform) -> bool {
+        self.emulated.iter().any(|m| p.runs_on(m))
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |ps: &[Platform]| {
+            if ps.is_empty() {
+                "none".to_string()
+            } else {
+                ps.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        write!(
+            f,
+            "native {}; emulated {}",
+            list(&self.native),
+            list(&self.emulated)
+        )
+    }
+}
+
 /// Why a platform string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid platform {input:?}: {reason}")]
@@ -194,6 +263,28 @@ fn normalize_arch(arch: &str, variant: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variants_match_as_containerd_does() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        assert!(p("linux/amd64").runs_on(&p("linux/amd64/v3")));
+        assert!(p("linux/amd64/v2").runs_on(&p("linux/amd64/v3")));
+        assert!(!p("linux/amd64/v4").runs_on(&p("linux/amd64/v3")));
+        assert!(!p("linux/amd64/v2").runs_on(&p("linux/amd64")));
+        assert!(p("linux/arm64/v8").runs_on(&p("linux/arm64")));
+        assert!(p("linux/arm/v6").runs_on(&p("linux/arm/v7")));
+        assert!(!p("linux/arm64").runs_on(&p("linux/amd64/v3")));
+        let caps = Capabilities {
+            native: vec![p("linux/amd64/v3")],
+            emulated: vec![p("linux/arm64")],
+        };
+        assert!(caps.native_for(&p("linux/amd64")) && !caps.native_for(&p("linux/arm64")));
+        assert!(caps.emulated_for(&p("linux/arm64/v8")));
+        assert_eq!(
+            caps.to_string(),
+            "native linux/amd64/v3; emulated linux/arm64"
+        );
+    }
 
     #[test]
     fn parse_and_normalise() {

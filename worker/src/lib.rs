@@ -7,5 +7,6 @@ pub mod executor;
 pub mod layer;
 pub mod metadata;
 pub use strata_shared::registry;
+pub mod platforms;
 pub mod rootfs;
 pub mod snapshot;

@@ -1,0 +1,236 @@
+//! Strict platform placement: a stage runs natively on a worker of its platform when one
+//! exists, under emulation only when the build allows it, and a stage no worker can run fails
+//! the build before anything starts, naming the platform and the workers. Never a silent
+//! wrong-architecture build.
+//!
+//! A pure function of the plan and the workers, tested without the network.
+
+use std::fmt;
+use std::str::FromStr;
+
+use strata_shared::dag::{Placement, Plan};
+use strata_shared::platform::{Capabilities, Platform};
+
+/// Whether a build may run stages under emulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Emulation {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl FromStr for Emulation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(Emulation::Allow),
+            "deny" => Ok(Emulation::Deny),
+            other => Err(format!("unknown emulation policy {other:?} (allow, deny)")),
+        }
+    }
+}
+
+impl fmt::Display for Emulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Emulation::Allow => "allow",
+            Emulation::Deny => "deny",
+        })
+    }
+}
+
+/// A worker as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub capabilities: Capabilities,
+}
+
+/// A stage that cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PlacementError {
+    pub platform: Platform,
+    pub message: String,
+}
+
+/// Where a stage of `platform` runs.
+pub fn place(
+    platform: &Platform,
+    workers: &[WorkerInfo],
+    emulation: Emulation,
+) -> Result<Placement, PlacementError> {
+    if let Some(w) = workers.iter().find(|w| w.capabilities.native_for(platform)) {
+        return Ok(Placement {
+            worker: w.name.clone(),
+            emulated: false,
+        });
+    }
+    let emulator = workers
+        .iter()
+        .find(|w| w.capabilities.emulated_for(platform));
+    match (emulator, emulation) {
+        (Some(w), Emulation::Allow) => Ok(Placement {
+            worker: w.name.clone(),
+            emulated: true,
+        }),
+        (Some(_), Emulation::Deny) => Err(PlacementError {
+            platform: platform.clone(),
+            message: format!(
+                "no worker runs {platform} natively and emulation is denied (--emulation=deny); workers: {}",
+                list(workers)
+            ),
+        }),
+        (None, _) => Err(PlacementError {
+            platform: platform.clone(),
+            message: format!("no worker can build {platform}; workers: {}", list(workers)),
+        }),
+    }
+}
+
+/// Places every stage instance of a plan, recording the result in the plan.
+pub fn place_plan(
+    plan: &mut Plan,
+    workers: &[WorkerInfo],
+    emulation: Emulation,
+) -> Result<(), PlacementError> {
+    let placements = plan
+        .instances
+        .iter()
+        .map(|i| place(&i.platform, workers, emulation))
+        .collect::<Result<Vec<_>, _>>()?;
+    plan.placements = placements;
+    Ok(())
+}
+
+fn list(workers: &[WorkerInfo]) -> String {
+    if workers.is_empty() {
+        return "none".into();
+    }
+    workers
+        .iter()
+        .map(|w| format!("{} ({})", w.name, w.capabilities))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_shared::dockerfile::Dockerfile;
+    use strata_shared::dockerfile::stages::BuildOptions;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    fn workers() -> Vec<WorkerInfo> {
+        vec![
+            WorkerInfo {
+                name: "x86-1".into(),
+                capabilities: Capabilities {
+                    native: vec![p("linux/amd64/v3")],
+                    emulated: vec![p("linux/arm64")],
+                },
+            },
+            WorkerInfo {
+                name: "arm-1".into(),
+                capabilities: Capabilities {
+                    native: vec![p("linux/arm64")],
+                    emulated: vec![],
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn native_first_even_when_another_worker_emulates_it() {
+        let at = place(&p("linux/arm64/v8"), &workers(), Emulation::Allow).unwrap();
+        assert_eq!(
+            at,
+            Placement {
+                worker: "arm-1".into(),
+                emulated: false
+            }
+        );
+        let at = place(&p("linux/amd64/v2"), &workers(), Emulation::Deny).unwrap();
+        assert_eq!(
+            at,
+            Placement {
+                worker: "x86-1".into(),
+                emulated: false
+            }
+        );
+    }
+
+    #[test]
+    fn emulation_only_when_allowed() {
+        let only_x86 = &workers()[..1];
+        let at = place(&p("linux/arm64"), only_x86, Emulation::Allow).unwrap();
+        assert!(at.emulated);
+        let err = place(&p("linux/arm64"), only_x86, Emulation::Deny).unwrap_err();
+        assert_eq!(
+            err.message,
+            "no worker runs linux/arm64 natively and emulation is denied (--emulation=deny); \
+             workers: x86-1 (native linux/amd64/v3; emulated linux/arm64)"
+        );
+    }
+
+    #[test]
+    fn a_platform_nobody_serves_is_an_error_naming_the_workers() {
+        let err = place(&p("linux/riscv64"), &workers(), Emulation::Allow).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("no worker can build linux/riscv64; workers: x86-1"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message
+                .contains("arm-1 (native linux/arm64; emulated none)"),
+            "{}",
+            err.message
+        );
+        let err = place(&p("linux/amd64/v4"), &workers(), Emulation::Allow).unwrap_err();
+        assert!(
+            err.message.contains("linux/amd64/v4"),
+            "a v3 machine does not run v4"
+        );
+    }
+
+    #[test]
+    fn plans_record_where_each_stage_runs() {
+        let df = Dockerfile::parse(
+            "FROM --platform=$BUILDPLATFORM scratch AS tools\nFROM scratch\nCOPY --from=tools / /\n",
+        )
+        .unwrap();
+        let mut plan = strata_shared::dag::plan(
+            &df,
+            &BuildOptions::default(),
+            &p("linux/amd64"),
+            &[p("linux/amd64"), p("linux/arm64")],
+        )
+        .unwrap();
+        place_plan(&mut plan, &workers()[..1], Emulation::Allow).unwrap();
+        let emulated: Vec<(String, bool)> = plan
+            .instances
+            .iter()
+            .map(|i| {
+                (
+                    format!("{} {}", i.name, i.platform),
+                    plan.placements[i.id].emulated,
+                )
+            })
+            .collect();
+        assert_eq!(
+            emulated,
+            [
+                ("tools linux/amd64".to_string(), false),
+                ("stage-1 linux/amd64".to_string(), false),
+                ("stage-1 linux/arm64".to_string(), true)
+            ]
+        );
+        assert!(plan.to_text().contains("on x86-1 (emulated)"));
+    }
+}
