@@ -15,6 +15,7 @@ use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::platform::Platform;
 use strata_shared::progress::{Event, Progress};
 use strata_shared::reference::ImageRef;
+use strata_shared::registry::RegistryClient;
 use strata_shared::store::BlobStore;
 use strata_worker::engine::Engine;
 use strata_worker::snapshot::SnapshotKind;
@@ -43,8 +44,9 @@ pub struct BuildArgs {
     #[arg(long = "platform", value_delimiter = ',')]
     platforms: Vec<String>,
     /// Where the image goes: `type=oci,dest=FILE`, `type=docker,dest=FILE`,
-    /// `type=local,dest=DIR`, with `compression=gzip|zstd|uncompressed` for new layers;
-    /// a bare path means `type=local,dest=PATH`.
+    /// `type=local,dest=DIR`, `type=image,name=REF,push=true` (or `type=registry`), with
+    /// `compression=gzip|zstd|uncompressed` for new layers; a bare path means
+    /// `type=local,dest=PATH`.
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
     /// How progress is shown.
@@ -70,6 +72,8 @@ pub enum Output {
     Oci(PathBuf),
     Docker(PathBuf),
     Local(PathBuf),
+    /// Pushed to a registry under these names (none: the `-t` names).
+    Push(Vec<String>),
 }
 
 /// Parses the `--output` values; all of them must agree on the compression.
@@ -106,18 +110,33 @@ pub fn parse_outputs(raw: &[String]) -> Result<(Vec<Output>, Compression)> {
             compression = Some(c);
         }
         let dest = fields.remove("dest").map(PathBuf::from);
+        let names: Vec<String> = fields
+            .remove("name")
+            .map(|n| {
+                n.split(';')
+                    .map(str::to_string)
+                    .filter(|n| !n.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
         let need_dest =
             |d: Option<PathBuf>| d.ok_or_else(|| anyhow!("--output {spec:?}: missing dest="));
         let out = match kind.as_str() {
             "oci" => Output::Oci(need_dest(dest)?),
             "docker" => Output::Docker(need_dest(dest)?),
             "local" => Output::Local(need_dest(dest)?),
-            "image" | "registry" => bail!(
-                "--output {spec:?}: pushing to a registry is not available in this version; export with type=oci and push it with `skopeo copy`"
+            "registry" => Output::Push(names),
+            "image" => match fields.remove("push").as_deref() {
+                Some("true") => Output::Push(names),
+                _ => bail!(
+                    "--output {spec:?}: type=image needs push=true (there is no local image store to keep it in)"
+                ),
+            },
+            other => bail!(
+                "--output {spec:?}: unknown type {other:?} (oci, docker, local, image, registry)"
             ),
-            other => bail!("--output {spec:?}: unknown type {other:?} (oci, docker, local)"),
         };
-        fields.remove("name");
+        fields.remove("push");
         if let Some(k) = fields.keys().next() {
             bail!("--output {spec:?}: unknown option {k:?}");
         }
@@ -316,7 +335,7 @@ async fn build(args: BuildArgs) -> Result<()> {
             let what = match out {
                 Output::Oci(dest) => {
                     export::write_oci_tar(&store, &image, &tags, dest, &scratch).await?;
-                    format!("OCI image {} to {}", root.digest, dest.display())
+                    format!("exported OCI image {} to {}", root.digest, dest.display())
                 }
                 Output::Docker(dest) => {
                     export::write_docker_tar(&store, &image, &tags, dest, &scratch).await?;
@@ -328,11 +347,37 @@ async fn build(args: BuildArgs) -> Result<()> {
                 }
                 Output::Local(dest) => {
                     crate::local::export(&store, &built.images, dest, &scratch).await?;
-                    format!("files to {}", dest.display())
+                    format!("exported files to {}", dest.display())
+                }
+                Output::Push(names) => {
+                    let names = if names.is_empty() {
+                        tags.clone()
+                    } else {
+                        names
+                            .iter()
+                            .map(|n| {
+                                ImageRef::parse(n).map_err(|e| anyhow!("--output name={n}: {e}"))
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    };
+                    if names.is_empty() {
+                        bail!("--output type=image: give name=REGISTRY/REPOSITORY:TAG or -t");
+                    }
+                    let client =
+                        RegistryClient::new().map_err(|e| anyhow!("registry client: {e}"))?;
+                    let reports = export::push(&client, &store, &image, &names).await?;
+                    let mut what = Vec::new();
+                    for (name, r) in names.iter().zip(&reports) {
+                        what.push(format!(
+                            "{name}@{} ({} blobs uploaded, {} already there, {} mounted)",
+                            r.digest, r.uploaded, r.skipped, r.mounted
+                        ));
+                    }
+                    format!("pushed {}", what.join(", "))
                 }
             };
             progress.send(Event::Note {
-                text: format!("exported {what} in {:.1}s", started.elapsed().as_secs_f64()),
+                text: format!("{what} in {:.1}s", started.elapsed().as_secs_f64()),
             });
         }
         Ok::<_, anyhow::Error>(())

@@ -29,6 +29,13 @@ enum Commands {
 }
 
 fn main() -> ExitCode {
+    // `STRATA_LOG=debug` (any tracing filter) shows what the engine does and how long it takes.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Commands::Build(args) => build::run(args),

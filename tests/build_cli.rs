@@ -4,138 +4,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
-use strata_testkit::{Registry, busybox_registry};
+use strata_testkit::Registry;
 
-/// A registry, a state directory and a build context for one test.
-struct Fixture {
-    registry: Registry,
-    state: tempfile::TempDir,
-    ctx: tempfile::TempDir,
-    out: tempfile::TempDir,
-    /// Extra environment for `strata`.
-    env: Vec<(String, String)>,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        Self::with_registry(busybox_registry())
-    }
-
-    fn with_registry(registry: Registry) -> Fixture {
-        Fixture {
-            registry,
-            state: tempfile::tempdir().expect("tempdir"),
-            ctx: tempfile::tempdir().expect("tempdir"),
-            out: tempfile::tempdir().expect("tempdir"),
-            env: Vec::new(),
-        }
-    }
-
-    /// The busybox image on the fixture registry.
-    fn busybox(&self) -> String {
-        format!("{}/library/busybox:latest", self.registry.addr())
-    }
-
-    /// Writes a context file (parents created); `{BUSYBOX}` is replaced by the image.
-    fn write(&self, rel: &str, content: &str) {
-        let path = self.ctx.path().join(rel);
-        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        fs::write(&path, content.replace("{BUSYBOX}", &self.busybox())).expect("write");
-    }
-
-    fn out(&self, rel: &str) -> PathBuf {
-        self.out.path().join(rel)
-    }
-
-    /// Runs `strata build --progress=plain CONTEXT ARGS...`.
-    fn build(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-        cmd.arg("build");
-        if !args.iter().any(|a| a.starts_with("--progress")) {
-            cmd.arg("--progress=plain");
-        }
-        cmd.arg(self.ctx.path())
-            .args(args)
-            .env("STRATA_STATE_DIR", self.state.path())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd.output().expect("strata runs")
-    }
-
-    /// A build that must succeed; returns its progress output.
-    fn build_ok(&self, args: &[&str]) -> String {
-        let out = self.build(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "build failed:\n{stderr}");
-        stderr
-    }
-
-    /// A build that must fail; returns its output.
-    fn build_err(&self, args: &[&str]) -> String {
-        let out = self.build(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "build must fail:\n{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        stderr
-    }
-
-    /// Builds to a local directory and returns it.
-    fn build_local(&self, name: &str, args: &[&str]) -> (PathBuf, String) {
-        let dir = self.out(name);
-        let spec = format!("type=local,dest={}", dir.display());
-        let mut all = vec!["--output", spec.as_str()];
-        all.extend_from_slice(args);
-        let log = self.build_ok(&all);
-        (dir, log)
-    }
-}
-
-fn tool(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read(path: &Path) -> String {
-    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The lines of a plain progress log that end a step, by step title.
-fn step_results(log: &str) -> Vec<(String, String)> {
-    let mut titles = std::collections::HashMap::new();
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let Some((num, rest)) = line.split_once(' ') else {
-            continue;
-        };
-        if !num.starts_with('#') {
-            continue;
-        }
-        if rest.starts_with('[') {
-            titles.insert(num.to_string(), rest.to_string());
-        } else if rest == "CACHED" || rest.starts_with("DONE") || rest.starts_with("ERROR") {
-            let title = titles.get(num).cloned().unwrap_or_default();
-            let word = rest
-                .split(' ')
-                .next()
-                .unwrap_or("")
-                .trim_end_matches(':')
-                .to_string();
-            out.push((title, word));
-        }
-    }
-    out
-}
+use crate::fixture::{Fixture, blob_name, oci_config, read, step_results, tar_member, tool};
 
 #[test]
 fn example_builds_and_other_tools_read_every_output() {
@@ -226,37 +100,6 @@ fn example_builds_and_other_tools_read_every_output() {
     assert_eq!(mode & 0o777, 0o755);
     assert_eq!(read(&local.join("usr/local/bin/arch")).trim(), "amd64");
     assert!(local.join("bin/busybox").exists());
-}
-
-/// The image config of a single-platform OCI archive, as stored.
-fn oci_config(archive: &Path) -> Value {
-    let blob = |digest: &str| {
-        let name = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
-        serde_json::from_slice::<Value>(&tar_member(archive, &name)).expect("JSON blob")
-    };
-    let index: Value =
-        serde_json::from_slice(&tar_member(archive, "index.json")).expect("index.json");
-    let manifest = blob(
-        index["manifests"][0]["digest"]
-            .as_str()
-            .expect("manifest digest"),
-    );
-    blob(
-        manifest["config"]["digest"]
-            .as_str()
-            .expect("config digest"),
-    )
-}
-
-fn tar_member(archive: &Path, name: &str) -> Vec<u8> {
-    let out = Command::new("tar")
-        .arg("-xOf")
-        .arg(archive)
-        .arg(name)
-        .output()
-        .expect("tar");
-    assert!(out.status.success(), "{name} in {}", archive.display());
-    out.stdout
 }
 
 #[test]
@@ -923,10 +766,6 @@ fn both_snapshotters_record_deletions_links_and_modes() {
             "{snapshotter}:\n{listing}"
         );
     }
-}
-
-fn blob_name(digest: &str) -> String {
-    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
 }
 
 #[test]

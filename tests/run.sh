@@ -31,6 +31,15 @@ install_apt() {
 }
 install_apt
 
+# Emulated platforms: QEMU registered in binfmt_misc with the fix-binary flag (binfmt-support
+# does it at boot; a container or a fresh sandbox may need the mount and the registration).
+if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || echo "note: cannot mount binfmt_misc"
+fi
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && command -v update-binfmts >/dev/null; then
+  update-binfmts --enable qemu-aarch64 || echo "note: cannot register qemu-aarch64"
+fi
+
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (install Rust with rustup)" >&2
   exit 1

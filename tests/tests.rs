@@ -1,4 +1,6 @@
 //! Integration tests of the `strata` program, compiled into one test binary.
 
 mod build_cli;
+mod build_multi;
+mod fixture;
 mod plan_cli;

@@ -14,6 +14,7 @@ use strata_shared::oci::{
 };
 use strata_shared::platform::Platform;
 use strata_shared::reference::ImageRef;
+use strata_shared::registry::{PushParts, PushReport, RegistryClient};
 use strata_shared::store::{BlobMeta, BlobStore, StoreError};
 
 /// Export failures, naming the file or blob.
@@ -430,6 +431,55 @@ pub async fn write_docker_tar(
     }]);
     out.bytes("manifest.json", manifest.to_string().as_bytes())?;
     out.finish()
+}
+
+/// The parts [`RegistryClient::push_image`] sends: every layer, the configs, the platform
+/// manifests (for an index), and the root under the tag.
+pub fn push_parts(image: &Assembled) -> PushParts {
+    let mut parts = PushParts::default();
+    for img in &image.images {
+        for layer in &img.layers {
+            if !parts.layers.iter().any(|l| l.digest == layer.digest) {
+                parts.layers.push(layer.clone());
+            }
+        }
+        parts
+            .blobs
+            .push((img.config_digest.clone(), img.config.clone()));
+    }
+    match &image.index {
+        Some(index) => {
+            for img in &image.images {
+                parts.manifests.push((
+                    img.manifest_digest.clone(),
+                    MEDIA_OCI_MANIFEST.into(),
+                    img.manifest.clone(),
+                ));
+            }
+            parts.root = (MEDIA_OCI_INDEX.into(), index.clone());
+        }
+        None => parts.root = (MEDIA_OCI_MANIFEST.into(), image.images[0].manifest.clone()),
+    }
+    parts
+}
+
+/// `--output type=image,name=REF,push=true`: pushes the image to each name.
+pub async fn push(
+    client: &RegistryClient,
+    store: &BlobStore,
+    image: &Assembled,
+    names: &[ImageRef],
+) -> Result<Vec<PushReport>, ExportError> {
+    let parts = push_parts(image);
+    let mut reports = Vec::new();
+    for name in names {
+        let report = client
+            .push_image(name, store, &parts)
+            .await
+            .map_err(|e| ExportError::Invalid(format!("pushing {name}: {e}")))?;
+        reports.push(report);
+    }
+    Ok(reports)
 }
 
 /// A tag as `docker images` shows it: Docker Hub names short (`busybox:latest`, `me/app:1`).

@@ -673,20 +673,29 @@ impl StageCtx<'_> {
     ) -> Result<(), BuildError> {
         let out_dir = self.engine.dirs.tmp.clone();
         let compression = self.job.compression;
-        let (snap, blob) = tokio::task::spawn_blocking(move || {
-            let r = snap.diff(&out_dir, compression);
-            (snap, r)
+        let diffing = Instant::now();
+        let blob = tokio::task::spawn_blocking(move || {
+            let blob = snap.diff(&out_dir, compression)?;
+            tracing::debug!(elapsed = ?diffing.elapsed(), "changes written as a layer");
+            // The changes stay unpacked as the new layer: the next step mounts them as they are.
+            if let Some(b) = &blob
+                && let Err(e) = snap.into_layer(&b.diff_id)
+            {
+                tracing::warn!(error = %e, "keeping the step's changes unpacked failed; the layer will be unpacked from its blob");
+            }
+            Ok::<_, crate::snapshot::SnapshotError>(blob)
         })
         .await
         .map_err(|e| BuildError::Other(format!("diffing: {e}")))?;
-        drop(snap);
         let blob = blob.map_err(|e| {
             BuildError::Other(format!("turning the step's changes into a layer: {e}"))
         })?;
+        let storing = Instant::now();
         let layer = match blob {
             Some(b) => Some(self.engine.store_layer(b).await?),
             None => None,
         };
+        tracing::debug!(elapsed = ?storing.elapsed(), "layer stored");
         self.engine
             .store
             .cache_put(
@@ -1121,6 +1130,7 @@ impl StageCtx<'_> {
             }
         }
 
+        let hashing = Instant::now();
         let mut content = blake3::Hasher::new();
         for part in &parts {
             let part = part.clone();
@@ -1133,6 +1143,7 @@ impl StageCtx<'_> {
             content.update(digest.as_bytes());
         }
         let digest = content.finalize();
+        tracing::debug!(elapsed = ?hashing.elapsed(), "{verb}: sources hashed");
         let mut kb = KeyBuilder::new(
             if spec.is_add { "add" } else { "copy" },
             state.key,
@@ -1152,6 +1163,7 @@ impl StageCtx<'_> {
             self.apply_cached(entry, state, key, history);
             return Ok(());
         }
+        let copying = Instant::now();
         let dst_root = snap.rootfs().to_path_buf();
         for part in parts {
             let dst_root = dst_root.clone();
@@ -1162,6 +1174,7 @@ impl StageCtx<'_> {
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(format!("{verb}: {e}")))?;
         }
+        tracing::debug!(elapsed = ?copying.elapsed(), "{verb}: files copied");
         drop(_source_snapshot);
         self.commit(snap, state, key, history)
             .await

@@ -528,6 +528,33 @@ fn skip_copied_up_dirs(nodes: &mut [Node], lowers: &[PathBuf]) -> Result<(), Lay
     Ok(())
 }
 
+/// Removes from an overlay upper dir the directories overlay only copied up (equal to their
+/// lower counterpart, with nothing changed below them), so that the upper dir holds exactly
+/// the layer's entries and can serve as that layer's lower dir.
+pub fn prune_copied_up(upper: &Path, lowers: &[PathBuf]) -> Result<(), LayerError> {
+    fn visit(abs: &Path, rel: &Path, lowers: &[PathBuf]) -> Result<bool, LayerError> {
+        // Whether everything below `abs` is unchanged directories (then removed).
+        let mut all_unchanged = true;
+        for name in read_dir_sorted(abs)? {
+            let child_abs = abs.join(&name);
+            let child_rel = rel.join(&name);
+            let stat = Stat::read(&child_abs)?;
+            let unchanged_dir = stat.kind == FileKind::Dir
+                && !stat.is_opaque()
+                && lower_stat(lowers, &child_rel)?.is_some_and(|l| l.same_metadata(&stat))
+                && visit(&child_abs, &child_rel, lowers)?;
+            if unchanged_dir {
+                fs::remove_dir(&child_abs).map_err(io_err("remove", &child_abs))?;
+            } else {
+                all_unchanged = false;
+            }
+        }
+        Ok(all_unchanged)
+    }
+    visit(upper, Path::new(""), lowers)?;
+    Ok(())
+}
+
 /// What the overlay shows at `rel` without the upper dir: the topmost lower entry, unless a
 /// whiteout or an opaque directory above it hides it.
 fn lower_stat(lowers: &[PathBuf], rel: &Path) -> Result<Option<Stat>, LayerError> {

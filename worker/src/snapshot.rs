@@ -26,8 +26,8 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::layer::{
-    Compression, LayerBlob, LayerError, Manifest, UnpackMode, decompress_layer, unique_name,
-    unpack_layer, write_layer_from_manifest, write_layer_from_upper,
+    Compression, LayerBlob, LayerError, Manifest, UnpackMode, decompress_layer, prune_copied_up,
+    unique_name, unpack_layer, write_layer_from_manifest, write_layer_from_upper,
 };
 
 /// Overlay options that keep every change of a step inside the upper dir, so the upper dir
@@ -251,6 +251,7 @@ impl Snapshotter {
             mounted: false,
             manifest: None,
             lowers: Vec::new(),
+            layer_root: self.root.join("layers"),
         };
         fs::create_dir(&snapshot.rootfs).map_err(io_err("create directory", &snapshot.rootfs))?;
         match self.kind {
@@ -372,6 +373,8 @@ pub struct ActiveSnapshot {
     manifest: Option<Manifest>,
     /// The overlay's lower dirs, top first (overlay kind).
     lowers: Vec<PathBuf>,
+    /// Where unpacked layers live (`layers/` of the store).
+    layer_root: PathBuf,
 }
 
 impl std::fmt::Debug for ActiveSnapshot {
@@ -415,6 +418,34 @@ impl ActiveSnapshot {
             }
         };
         Ok(blob)
+    }
+}
+
+impl ActiveSnapshot {
+    /// Ends the snapshot, keeping its changes as the unpacked layer `diff_id` (the layer
+    /// [`ActiveSnapshot::diff`] just wrote), so that preparing a snapshot on top of it needs
+    /// no unpacking. An overlay upper dir already has the form of a lower dir (whiteouts as
+    /// 0/0 character devices, opaque directories marked); it only loses the directories overlay
+    /// copied up without change. Copy snapshots, or a layer already unpacked, just end.
+    pub fn into_layer(mut self, diff_id: &str) -> Result<(), SnapshotError> {
+        let hex = diff_id_hex(diff_id)?.to_string();
+        let target = self.layer_root.join(&hex);
+        if self.kind != SnapshotKind::Overlay || !self.mounted || target.is_dir() {
+            return Ok(());
+        }
+        umount2(&self.rootfs, MntFlags::empty()).map_err(|e| SnapshotError::Io {
+            op: "unmount",
+            path: self.rootfs.clone(),
+            source: io::Error::from(e),
+        })?;
+        self.mounted = false;
+        let upper = self.dir.join("upper");
+        prune_copied_up(&upper, &self.lowers)?;
+        match fs::rename(&upper, &target) {
+            Ok(()) => Ok(()),
+            Err(_) if target.is_dir() => Ok(()),
+            Err(e) => Err(io_err("rename upper dir to", &target)(e)),
+        }
     }
 }
 
@@ -621,6 +652,51 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_upper_dir_becomes_the_layer_it_was_diffed_into() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store =
+            Snapshotter::open(&tmp.path().join("store"), Some(SnapshotKind::Overlay)).unwrap();
+        let out = tmp.path().join("blobs");
+        let base = tmp.path().join("base");
+        write_file(&base.join("etc/passwd"), b"root\n");
+        write_file(&base.join("old/a"), b"a");
+        set_all_mtimes(&base, 1_600_000_000);
+        let l1 = layer_of_tree(&base, &out);
+        store.ensure_layer(&l1.path, &l1.diff_id).unwrap();
+        let snap = store.prepare(std::slice::from_ref(&l1.diff_id)).unwrap();
+        let rootfs = snap.rootfs().to_path_buf();
+        fs::remove_dir_all(rootfs.join("old")).unwrap();
+        write_file(&rootfs.join("new/b"), b"b");
+        let etc = fs::metadata(rootfs.join("etc")).unwrap();
+        write_file(&rootfs.join("etc/stub"), b"");
+        fs::remove_file(rootfs.join("etc/stub")).unwrap();
+        filetime::set_file_times(
+            rootfs.join("etc"),
+            filetime::FileTime::from_last_access_time(&etc),
+            filetime::FileTime::from_last_modification_time(&etc),
+        )
+        .unwrap();
+        let blob = snap.diff(&out, Compression::Gzip).unwrap().unwrap();
+        snap.into_layer(&blob.diff_id).unwrap();
+        // The kept dir is what unpacking the blob gives.
+        let kept = store.ensure_layer(&blob.path, &blob.diff_id).unwrap();
+        let unpacked = tmp.path().join("unpacked");
+        fs::create_dir(&unpacked).unwrap();
+        unpack_layer(&blob.path, &unpacked, UnpackMode::OverlayLower).unwrap();
+        assert_eq!(describe(&kept), describe(&unpacked));
+        assert!(!kept.join("etc").exists(), "copied-up dirs are pruned");
+        let next = store
+            .prepare(&[l1.diff_id.clone(), blob.diff_id.clone()])
+            .unwrap();
+        assert!(!next.rootfs().join("old").exists());
+        assert_eq!(fs::read(next.rootfs().join("new/b")).unwrap(), b"b");
+        assert_eq!(
+            fs::read(next.rootfs().join("etc/passwd")).unwrap(),
+            b"root\n"
+        );
     }
 
     #[test]

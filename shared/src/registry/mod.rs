@@ -1,9 +1,11 @@
-//! A client of the OCI distribution API, used to pull base images: [`RegistryClient::resolve`]
-//! turns an image reference and a platform into the platform's manifest and verified config
-//! ([`ResolvedImage`]), and [`RegistryClient::fetch_blob`] streams a layer to a file, checking
-//! its size and sha256 digest.
+//! A client of the OCI distribution API, used to pull base images and push built ones.
+//! [`RegistryClient::resolve`] turns an image reference and a platform into the platform's
+//! manifest and verified config ([`ResolvedImage`]), and [`RegistryClient::fetch_blob`] streams
+//! a layer to a file, checking its size and sha256 digest. The [`push`] half uploads blobs
+//! (skipped when present, mounted from another repository, else in chunks), manifests, and
+//! whole images ([`RegistryClient::push_image`]).
 //!
-//! The transport is shared by every request and is meant to serve a future push as well:
+//! The transport is shared by every request, pulls and pushes alike:
 //! [`RegistryClient::send`] takes a request builder and an [`Access`] (pull or push), answers
 //! the registry's `WWW-Authenticate` challenge (a bearer token fetched from the realm,
 //! anonymously or with the user's basic credentials, and cached per registry and scope; or
@@ -35,6 +37,11 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, WWW_AUTHEN
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
+
+pub mod push;
+pub use push::{
+    BlobSource, DEFAULT_CHUNK_SIZE, PUSH_CONCURRENCY, PushOutcome, PushParts, PushReport,
+};
 
 /// OCI image index (a multi-platform image).
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -410,6 +417,8 @@ pub struct RegistryClient {
     http: reqwest::Client,
     credentials: Arc<Credentials>,
     auth: Arc<Mutex<AuthState>>,
+    /// Largest `PATCH` of a chunked blob upload.
+    chunk_size: usize,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -440,7 +449,15 @@ impl RegistryClient {
             http,
             credentials: Arc::new(credentials),
             auth: Arc::new(Mutex::new(AuthState::default())),
+            chunk_size: DEFAULT_CHUNK_SIZE,
         })
+    }
+
+    /// The same client uploading blobs in chunks of at most `bytes` (at least 1) per `PATCH`
+    /// instead of [`DEFAULT_CHUNK_SIZE`].
+    pub fn with_chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = bytes.max(1);
+        self
     }
 
     /// The credentials this client sends.
@@ -468,7 +485,24 @@ impl RegistryClient {
     where
         F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     {
-        let scope = access.scope(repository);
+        self.send_scoped(registry, repository, &[access.scope(repository)], make)
+            .await
+    }
+
+    /// [`RegistryClient::send`] asking for a token with several scopes (`scopes[0]` for
+    /// `repository`, then others, such as pull access to the source of a cross-repository
+    /// mount); tokens are cached per registry and scope list.
+    async fn send_scoped<F>(
+        &self,
+        registry: &str,
+        repository: &str,
+        scopes: &[String],
+        make: F,
+    ) -> Result<reqwest::Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    {
+        let scope = scopes.join(" ");
         let first = self
             .execute(&make, self.cached_authorization(registry, &scope))
             .await?;
@@ -490,7 +524,7 @@ impl RegistryClient {
                 registry,
                 realm,
                 bearer.params.get("service").map(String::as_str),
-                &scope,
+                scopes,
                 bearer.params.get("scope").map(String::as_str),
             )
             .await?
@@ -575,16 +609,18 @@ impl RegistryClient {
         }
     }
 
-    /// Fetches a bearer token from `realm` (`GET realm?service=..&scope=..`), caches it and
+    /// Fetches a bearer token from `realm` (`GET realm?service=..&scope=..`, one `scope` per
+    /// entry of `scopes` plus those of the challenge), caches it under the joined `scopes` and
     /// returns the `Authorization` value.
     async fn fetch_token(
         &self,
         registry: &str,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[String],
         challenge_scope: Option<&str>,
     ) -> Result<String, RegistryError> {
+        let scope = scopes.join(" ");
         let token_error = |reason: String| RegistryError::Token {
             registry: registry.to_string(),
             realm: realm.to_string(),
@@ -598,9 +634,11 @@ impl RegistryClient {
         if let Some(service) = service {
             query.push(("service", service));
         }
-        query.push(("scope", scope));
+        for scope in scopes {
+            query.push(("scope", scope));
+        }
         for extra in challenge_scope.unwrap_or_default().split(' ') {
-            if !extra.is_empty() && extra != scope {
+            if !extra.is_empty() && !scopes.iter().any(|s| s == extra) {
                 query.push(("scope", extra));
             }
         }
@@ -612,7 +650,7 @@ impl RegistryClient {
         if let Some(basic) = basic {
             request = request.basic_auth(&basic.username, Some(&basic.password));
         }
-        tracing::debug!(registry, realm, scope, "fetching a registry token");
+        tracing::debug!(registry, realm, %scope, "fetching a registry token");
         let response = request
             .send()
             .await
@@ -1857,6 +1895,26 @@ pub enum RegistryError {
         image: String,
         wanted: String,
         found: String,
+    },
+    #[error("{image}: {what} {reference}: the registry's answer is invalid: {reason}")]
+    InvalidResponse {
+        image: String,
+        what: &'static str,
+        reference: String,
+        reason: String,
+    },
+    #[error("{image}: cannot read blob {digest} to push from {}", path.display())]
+    ReadSource {
+        image: String,
+        digest: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{image}: cannot read blob {digest} to push from the blob store")]
+    Store {
+        image: String,
+        digest: String,
+        source: Box<crate::store::StoreError>,
     },
 }
 
