@@ -396,27 +396,34 @@ impl Engine {
         Ok(path)
     }
 
-    /// A writable root filesystem with these layers.
+    /// A writable root filesystem with these layers. Layers already unpacked are used as they
+    /// are; the others are fetched from the store and unpacked first.
     async fn prepare(&self, layers: &[BlobMeta]) -> Result<ActiveSnapshot, BuildError> {
         let mut diff_ids = Vec::with_capacity(layers.len());
+        let mut missing = Vec::new();
         for meta in layers {
-            let blob = self.local_blob(meta).await?;
             let diff_id = meta.diff_id.clone().ok_or_else(|| {
                 BuildError::Other(format!("layer {} has no diff-id in the store", meta.digest))
             })?;
-            let snapshots = self.snapshots.clone();
-            let d = diff_id.clone();
-            tokio::task::spawn_blocking(move || snapshots.ensure_layer(&blob, &d))
-                .await
-                .map_err(|e| BuildError::Other(format!("unpacking layer: {e}")))?
-                .map_err(|e| BuildError::Other(format!("unpacking layer {}: {e}", meta.digest)))?;
+            if !self.snapshots.has_layer(&diff_id) {
+                let blob = self.local_blob(meta).await?;
+                missing.push((blob, diff_id.clone(), meta.digest.clone()));
+            }
             diff_ids.push(diff_id);
         }
         let snapshots = self.snapshots.clone();
-        tokio::task::spawn_blocking(move || snapshots.prepare(&diff_ids))
-            .await
-            .map_err(|e| BuildError::Other(format!("preparing a snapshot: {e}")))?
-            .map_err(|e| BuildError::Other(format!("preparing a snapshot: {e}")))
+        tokio::task::spawn_blocking(move || {
+            for (blob, diff_id, digest) in &missing {
+                snapshots
+                    .ensure_layer(blob, diff_id)
+                    .map_err(|e| BuildError::Other(format!("unpacking layer {digest}: {e}")))?;
+            }
+            snapshots
+                .prepare(&diff_ids)
+                .map_err(|e| BuildError::Other(format!("preparing a snapshot: {e}")))
+        })
+        .await
+        .map_err(|e| BuildError::Other(format!("preparing a snapshot: {e}")))?
     }
 
     /// Stores a new layer and returns its metadata.
@@ -791,11 +798,13 @@ impl StageCtx<'_> {
             return Ok(());
         }
 
+        let preparing = Instant::now();
         let snap = self
             .engine
             .prepare(state.layers)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        tracing::debug!(elapsed = ?preparing.elapsed(), layers = state.layers.len(), "snapshot prepared");
         let mut process_env = env;
         process_env.append(&mut mounts.env);
         let req = RunRequest {
@@ -816,6 +825,7 @@ impl StageCtx<'_> {
         let (job, n) = (self.job.id, self.n);
         let outcome = tokio::task::spawn_blocking(move || {
             let mut tail = OutputTail::default();
+            let running = Instant::now();
             let r = runc.run(&req, &mut |bytes: &[u8]| {
                 tail.push(bytes);
                 progress.send(Event::Output {
@@ -824,6 +834,7 @@ impl StageCtx<'_> {
                     data: String::from_utf8_lossy(bytes).into_owned(),
                 });
             });
+            tracing::debug!(elapsed = ?running.elapsed(), "container ran");
             (r, tail)
         })
         .await

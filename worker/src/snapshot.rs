@@ -187,6 +187,11 @@ impl Snapshotter {
         }
     }
 
+    /// Whether the layer with this diff_id is unpacked here already.
+    pub fn has_layer(&self, diff_id: &str) -> bool {
+        diff_id_hex(diff_id).is_ok_and(|hex| self.layer_dir(hex).is_dir())
+    }
+
     /// Makes sure the layer with this diff_id is unpacked (once; concurrent callers are safe: unpack
     /// to a temp dir then rename) and returns its dir. Verifies the unpacked diff_id equals `diff_id`
     /// (else error naming both digests and removes the partial dir).
