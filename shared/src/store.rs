@@ -7,7 +7,8 @@
 //! - `meta/b3/<hex>`: [`BlobMeta`] as JSON: the blob's sha256 digest, media type, size and, for
 //!   layers, the diff-id;
 //! - `index/sha256/<hex>`: the blake3 key of the blob with that sha256 digest (OCI speaks sha256);
-//! - `cache/<key>`: [`CacheEntry`] as JSON: what a build step produced, by its cache key.
+//! - `cache/<key>`: [`CacheEntry`] as JSON: what a build step produced, by its cache key;
+//! - `memo/<key>`: a value computed from immutable inputs, as JSON.
 //!
 //! Every JSON record carries a `version`; readers refuse versions they do not know.
 
@@ -46,6 +47,13 @@ pub struct CacheEntry {
     pub version: u32,
     /// The layer the step added, or `None` when it changed nothing.
     pub layer: Option<BlobMeta>,
+}
+
+/// A memoised value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Memo {
+    version: u32,
+    value: String,
 }
 
 /// Store failures, each naming the object.
@@ -110,6 +118,10 @@ fn meta_path(b3: &str) -> StorePath {
 fn index_path(digest: &str) -> StorePath {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     StorePath::from(format!("index/sha256/{hex}"))
+}
+
+fn memo_path(key: &str) -> StorePath {
+    StorePath::from(format!("memo/{key}"))
 }
 
 fn cache_path(key: &str) -> StorePath {
@@ -314,6 +326,21 @@ impl BlobStore {
     /// Records the result of a build step.
     pub async fn cache_put(&self, key: &str, entry: &CacheEntry) -> Result<(), StoreError> {
         self.put_record(&cache_path(key), entry).await
+    }
+
+    /// A remembered value computed from immutable inputs (`memo/<key>`), such as the content
+    /// digest of files taken from a stage whose cache key is part of `key`.
+    pub async fn memo_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let memo: Option<Memo> = self.get_record(&memo_path(key)).await?;
+        Ok(memo.map(|m| m.value))
+    }
+
+    pub async fn memo_put(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let memo = Memo {
+            version: RECORD_VERSION,
+            value: value.to_string(),
+        };
+        self.put_record(&memo_path(key), &memo).await
     }
 
     async fn put_record<T: Serialize>(&self, p: &StorePath, record: &T) -> Result<(), StoreError> {

@@ -15,6 +15,7 @@
 //! `.dockerignore` with moby/patternmatcher's rules, and [`parse_chmod`] applies a `--chmod`
 //! value to a mode. All filesystem work is blocking; async callers wrap it in `spawn_blocking`.
 
+use crate::hashcache::HashCache;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata, OpenOptions};
@@ -2251,7 +2252,11 @@ struct EntryData {
     xattrs: Vec<(OsString, Vec<u8>)>,
 }
 
-fn read_entry_data(e: &Entry, buf: &mut [u8]) -> Result<EntryData, CopyError> {
+fn read_entry_data(
+    e: &Entry,
+    buf: &mut [u8],
+    cache: Option<&HashCache>,
+) -> Result<EntryData, CopyError> {
     let ft = e.meta.file_type();
     let mut data = EntryData::default();
     if ft.is_symlink() {
@@ -2268,14 +2273,27 @@ fn read_entry_data(e: &Entry, buf: &mut [u8]) -> Result<EntryData, CopyError> {
         data.xattrs.sort();
     }
     if ft.is_file() {
-        data.content = Some(hash_file(&e.abs, buf)?);
+        let known = cache.and_then(|c| c.get(&e.meta));
+        data.content = Some(match known {
+            Some(h) => h,
+            None => {
+                let h = hash_file(&e.abs, buf)?;
+                if let Some(c) = cache {
+                    c.put(&e.meta, h);
+                }
+                h
+            }
+        });
     }
     Ok(data)
 }
 
 /// Reads what the digest needs from every entry, on all cores (plain threads, one 1 MiB
 /// buffer each); results come back in the order of `entries`.
-fn read_entries_parallel(entries: &[&Entry]) -> Result<Vec<EntryData>, CopyError> {
+fn read_entries_parallel(
+    entries: &[&Entry],
+    cache: Option<&HashCache>,
+) -> Result<Vec<EntryData>, CopyError> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -2295,7 +2313,7 @@ fn read_entries_parallel(entries: &[&Entry]) -> Result<Vec<EntryData>, CopyError
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(entry) = entries.get(i) else { break };
-                    match read_entry_data(entry, &mut buf) {
+                    match read_entry_data(entry, &mut buf, cache) {
                         Ok(d) => local.push((i, d)),
                         Err(e) => {
                             if let Ok(mut slot) = first_error.lock() {
@@ -2361,6 +2379,16 @@ pub fn source_digest(
     spec: &CopySpec,
     ignore: Option<&DockerIgnore>,
 ) -> Result<blake3::Hash, CopyError> {
+    source_digest_cached(src_root, spec, ignore, None)
+}
+
+/// [`source_digest`], reading only the files whose metadata `cache` does not know.
+pub fn source_digest_cached(
+    src_root: &Path,
+    spec: &CopySpec,
+    ignore: Option<&DockerIgnore>,
+    cache: Option<&HashCache>,
+) -> Result<blake3::Hash, CopyError> {
     let plan = build_plan(src_root, spec, ignore)?;
     // Everything that needs reading is read first, in parallel.
     let mut entries: Vec<&Entry> = Vec::new();
@@ -2370,7 +2398,7 @@ pub fn source_digest(
             entries.extend(children);
         }
     }
-    let mut data = read_entries_parallel(&entries)?.into_iter();
+    let mut data = read_entries_parallel(&entries, cache)?.into_iter();
 
     let mut h = blake3::Hasher::new();
     h.update(b"strata copy source digest v1\0");

@@ -31,8 +31,11 @@ use strata_shared::reference::ImageRef;
 use strata_shared::store::{BlobMeta, BlobStore, CacheEntry, RECORD_VERSION};
 use tokio::sync::Mutex;
 
-use crate::copy::{CopySpec, DockerIgnore, Owner, copy_into, fetch_urls, source_digest};
+use crate::copy::{
+    CopySpec, DockerIgnore, Owner, copy_into, fetch_urls, source_digest, source_digest_cached,
+};
 use crate::executor::{self, MountSource, NetworkMode, ProcessSpec, RunRequest, Runc};
+use crate::hashcache::HashCache;
 use crate::layer::LayerBlob;
 use crate::metadata::{self, StageFlags};
 use crate::registry::RegistryClient;
@@ -68,6 +71,8 @@ pub struct Engine {
     pulled: Mutex<HashMap<(String, Platform), Pulled>>,
     cache_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     run_counter: std::sync::atomic::AtomicU64,
+    /// Content hashes of build-context files, by file metadata.
+    hashes: Arc<HashCache>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -118,6 +123,7 @@ impl Engine {
             pulled: Mutex::new(HashMap::new()),
             cache_locks: Mutex::new(HashMap::new()),
             run_counter: std::sync::atomic::AtomicU64::new(0),
+            hashes: Arc::new(HashCache::load(&state_dir.join("file-hashes"))),
         })
     }
 
@@ -1068,11 +1074,12 @@ impl StageCtx<'_> {
             self.failed(&m);
             BuildError::at(ins.range, m)
         };
-        // Where the files come from: one or two parts (a mixed ADD copies its local sources
-        // from the context and its URLs from a download directory).
-        let mut _source_snapshot = None;
+        // Where the files come from: the context (and, for a mixed ADD, a download directory),
+        // or a stage or image, mounted only when its content must be read.
         let mut _download_dir = None;
         let mut parts: Vec<CopyPart> = Vec::new();
+        let mut source: Option<(Vec<BlobMeta>, ActiveSnapshot)> = None;
+        let mut source_layers = Vec::new();
         let source_key = match &from {
             None => {
                 let ignore = read_dockerignore(&self.job.context)?;
@@ -1089,6 +1096,7 @@ impl StageCtx<'_> {
                             root: self.job.context.clone(),
                             spec: local,
                             ignore,
+                            context: true,
                         });
                     }
                     parts.push(CopyPart {
@@ -1098,6 +1106,7 @@ impl StageCtx<'_> {
                             ..fetched
                         },
                         ignore: None,
+                        context: false,
                     });
                     "context+download".to_string()
                 } else {
@@ -1105,55 +1114,104 @@ impl StageCtx<'_> {
                         root: self.job.context.clone(),
                         spec: spec.clone(),
                         ignore,
+                        context: true,
                     });
                     "context".to_string()
                 }
             }
             Some(src) => {
                 let (layers, key) = self.source_layers(ins, src).await?;
-                let snap = self
-                    .engine
-                    .prepare(&layers)
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                parts.push(CopyPart {
-                    root: snap.rootfs().to_path_buf(),
-                    spec: spec.clone(),
-                    ignore: None,
-                });
-                _source_snapshot = Some(snap);
+                source_layers = layers;
                 key
             }
         };
 
-        // The destination, to resolve --chown names against.
-        let snap = self
-            .engine
-            .prepare(state.layers)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        // --chown names resolve against the destination's /etc/passwd and /etc/group, which
+        // the destination's cache key determines.
+        let mut dest: Option<ActiveSnapshot> = None;
         if let Some(c) = chown {
-            let (uid, gid, _) = executor::resolve_user(snap.rootfs(), c)
-                .map_err(|e| fail(format!("{verb} --chown={c}: {e}")))?;
-            spec.chown = Some(Owner { uid, gid });
+            let memo = KeyBuilder::new("chown", state.key, &self.platform)
+                .field("user", c)
+                .finish();
+            let owner = match self
+                .engine
+                .store
+                .memo_get(&memo)
+                .await?
+                .and_then(|v| parse_owner(&v))
+            {
+                Some(o) => o,
+                None => {
+                    let snap = self
+                        .engine
+                        .prepare(state.layers)
+                        .await
+                        .map_err(|e| fail(e.to_string()))?;
+                    let (uid, gid, _) = executor::resolve_user(snap.rootfs(), c)
+                        .map_err(|e| fail(format!("{verb} --chown={c}: {e}")))?;
+                    dest = Some(snap);
+                    self.engine
+                        .store
+                        .memo_put(&memo, &format!("{uid}:{gid}"))
+                        .await?;
+                    Owner { uid, gid }
+                }
+            };
+            spec.chown = Some(owner);
             for part in &mut parts {
                 part.spec.chown = spec.chown;
             }
         }
 
         let hashing = Instant::now();
-        let mut content = blake3::Hasher::new();
-        for part in &parts {
-            let part = part.clone();
-            let digest = tokio::task::spawn_blocking(move || {
-                source_digest(&part.root, &part.spec, part.ignore.as_ref())
-            })
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|e| fail(format!("{verb}: {e}")))?;
-            content.update(digest.as_bytes());
-        }
-        let digest = content.finalize();
+        let digest = if from.is_some() {
+            // A stage's files are fixed by its cache key: their digest is computed once.
+            let memo = KeyBuilder::new("copy-source", &source_key, &self.platform)
+                .field("spec", &format!("{spec:?}"))
+                .finish();
+            match self.engine.store.memo_get(&memo).await? {
+                Some(hex) => hex,
+                None => {
+                    let snap = self
+                        .engine
+                        .prepare(&source_layers)
+                        .await
+                        .map_err(|e| fail(e.to_string()))?;
+                    let (root, part_spec) = (snap.rootfs().to_path_buf(), spec.clone());
+                    let digest =
+                        tokio::task::spawn_blocking(move || source_digest(&root, &part_spec, None))
+                            .await
+                            .map_err(|e| fail(e.to_string()))?
+                            .map_err(|e| fail(format!("{verb}: {e}")))?;
+                    source = Some((source_layers.clone(), snap));
+                    let hex = digest.to_hex().to_string();
+                    self.engine.store.memo_put(&memo, &hex).await?;
+                    hex
+                }
+            }
+        } else {
+            let mut content = blake3::Hasher::new();
+            for part in &parts {
+                let part = part.clone();
+                let hashes = self.engine.hashes.clone();
+                let digest = tokio::task::spawn_blocking(move || {
+                    let cache = part.context.then_some(&*hashes);
+                    source_digest_cached(&part.root, &part.spec, part.ignore.as_ref(), cache)
+                })
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(format!("{verb}: {e}")))?;
+                content.update(digest.as_bytes());
+            }
+            let hashes = self.engine.hashes.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || hashes.save())
+                .await
+                .unwrap_or(Ok(()))
+            {
+                tracing::warn!(error = %e, "saving the file hash cache failed");
+            }
+            content.finalize().to_hex().to_string()
+        };
         tracing::debug!(elapsed = ?hashing.elapsed(), "{verb}: sources hashed");
         let mut kb = KeyBuilder::new(
             if spec.is_add { "add" } else { "copy" },
@@ -1161,7 +1219,7 @@ impl StageCtx<'_> {
             &self.platform,
         );
         kb.field("source", &source_key)
-            .field("content", digest.to_hex().as_str())
+            .field("content", &digest)
             .field("dest", &spec.dest)
             .field("workdir", &spec.workdir)
             .field("chown", &format!("{:?}", spec.chown))
@@ -1170,10 +1228,34 @@ impl StageCtx<'_> {
             .field("parents", &spec.parents.to_string());
         let key = kb.finish();
         if let Some(entry) = self.cached(&key).await? {
-            drop(snap);
             self.apply_cached(entry, state, key, history);
             return Ok(());
         }
+        if from.is_some() {
+            let snap = match source.take() {
+                Some((_, snap)) => snap,
+                None => self
+                    .engine
+                    .prepare(&source_layers)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?,
+            };
+            parts.push(CopyPart {
+                root: snap.rootfs().to_path_buf(),
+                spec: spec.clone(),
+                ignore: None,
+                context: false,
+            });
+            source = Some((Vec::new(), snap));
+        }
+        let snap = match dest.take() {
+            Some(snap) => snap,
+            None => self
+                .engine
+                .prepare(state.layers)
+                .await
+                .map_err(|e| fail(e.to_string()))?,
+        };
         let copying = Instant::now();
         let dst_root = snap.rootfs().to_path_buf();
         for part in parts {
@@ -1186,7 +1268,7 @@ impl StageCtx<'_> {
             .map_err(|e| fail(format!("{verb}: {e}")))?;
         }
         tracing::debug!(elapsed = ?copying.elapsed(), "{verb}: files copied");
-        drop(_source_snapshot);
+        drop(source);
         self.commit(snap, state, key, history)
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -1253,6 +1335,17 @@ struct CopyPart {
     root: PathBuf,
     spec: CopySpec,
     ignore: Option<DockerIgnore>,
+    /// The build context (its file hashes are cached by metadata).
+    context: bool,
+}
+
+/// `uid:gid` as remembered for a `--chown`.
+fn parse_owner(v: &str) -> Option<Owner> {
+    let (u, g) = v.split_once(':')?;
+    Some(Owner {
+        uid: u.parse().ok()?,
+        gid: g.parse().ok()?,
+    })
 }
 
 /// Removes a directory when dropped.

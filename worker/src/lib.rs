@@ -4,6 +4,7 @@
 pub mod copy;
 pub mod engine;
 pub mod executor;
+pub mod hashcache;
 pub mod layer;
 pub mod metadata;
 pub use strata_shared::registry;
