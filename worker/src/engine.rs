@@ -43,6 +43,13 @@ use crate::snapshot::{ActiveSnapshot, SnapshotKind, Snapshotter};
 pub use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::progress::{Event, Progress};
 
+/// How long a base image's resolution (tag to manifest) is reused: a build's stages share
+/// it, a later build resolves the tag again.
+const PULL_MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The latest resolution of one base image for one platform, and when it was made.
+type PullSlot = Arc<Mutex<Option<(Instant, Pulled)>>>;
+
 /// A base image pulled into the store.
 #[derive(Debug, Clone)]
 struct Pulled {
@@ -68,7 +75,9 @@ pub struct Engine {
     runc: Arc<Runc>,
     registry: RegistryClient,
     dirs: Dirs,
-    pulled: Mutex<HashMap<(String, Platform), Pulled>>,
+    /// Recent resolutions of base images; one at a time per image and platform, so that the
+    /// stages of a build that share a base resolve it once.
+    pulled: Mutex<HashMap<(String, Platform), PullSlot>>,
     cache_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     run_counter: std::sync::atomic::AtomicU64,
     /// Content hashes of build-context files, by file metadata.
@@ -331,7 +340,17 @@ impl Engine {
     /// store (layers the store already has by digest are not downloaded again).
     async fn pull(&self, image: &ImageRef, platform: &Platform) -> Result<Pulled, BuildError> {
         let memo_key = (image.to_string(), platform.clone());
-        if let Some(p) = self.pulled.lock().await.get(&memo_key) {
+        let slot = self
+            .pulled
+            .lock()
+            .await
+            .entry(memo_key)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some((at, p)) = slot.as_ref()
+            && at.elapsed() < PULL_MEMO_TTL
+        {
             return Ok(Pulled {
                 downloaded: false,
                 ..p.clone()
@@ -388,7 +407,7 @@ impl Engine {
             layers,
             downloaded,
         };
-        self.pulled.lock().await.insert(memo_key, pulled.clone());
+        *slot = Some((Instant::now(), pulled.clone()));
         Ok(pulled)
     }
 
