@@ -12,6 +12,8 @@
 //! - [`job`]: stage jobs, their outputs and errors.
 //! - [`progress`]: build progress events.
 //! - [`store`]: the content-addressed blob store (blake3 keys) on `object_store`.
+//! - [`tls`]: the cluster's PKI (CA, node identities with their role) and the QUIC/TLS configs.
+//! - [`wire`]: the messages between nodes, as rkyv archives in versioned frames on quinn streams.
 
 pub mod cachekey;
 pub mod dag;
@@ -23,3 +25,5 @@ pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod tls;
+pub mod wire;
