@@ -1,0 +1,220 @@
+//! The coordinator's configuration file (TOML). Every key is documented here and in
+//! `deploy/coordinator.toml`; unknown keys are refused so that a misspelt key is an error, not
+//! a silent default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `strata coordinator --config FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// This node's Raft id: unique in the cluster, never reused, not 0.
+    pub node_id: u64,
+    /// This node's name: the name in its certificate (the CN), which peers, workers and clients
+    /// dial.
+    pub name: String,
+    /// The UDP address the QUIC endpoint listens on, for clients, workers and peers alike.
+    pub listen: SocketAddr,
+    /// Where the Raft log, hard state and snapshots are kept.
+    pub data_dir: PathBuf,
+    /// The blob store every node of the cluster shares: a local directory (on a shared
+    /// filesystem for several machines).
+    pub store: PathBuf,
+    pub tls: TlsConfig,
+    /// The cluster's coordinators when it is first started (this node among them). Later
+    /// membership changes go through Raft; this list only bootstraps an empty data directory.
+    pub peers: Vec<Peer>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+}
+
+/// Certificates (see `strata coordinator init`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA's certificate (PEM): every node and worker certificate must chain to it.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM, role `coordinator`).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// A file of client tokens, one per line: clients without a certificate present one.
+    #[serde(default)]
+    pub client_tokens: Option<PathBuf>,
+}
+
+/// A coordinator of the initial cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: u64,
+    /// The name in its certificate.
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// Raft timing. A tick is `tick_ms`; elections start after `election_ticks` without a leader.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Take a snapshot and compact the log once this many entries were applied since the last.
+    pub snapshot_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_entries: 1000,
+        }
+    }
+}
+
+/// Job leases and placement.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// A worker that has not been heard from for this long loses its leases.
+    pub lease_ms: u64,
+    /// Workers are expected to heartbeat this often.
+    pub heartbeat_ms: u64,
+    /// Whether builds may run stages under emulation unless they say otherwise.
+    pub emulation: String,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            lease_ms: 10_000,
+            heartbeat_ms: 1_000,
+            emulation: "allow".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, saying which file and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl CoordinatorConfig {
+    /// Reads and checks a configuration file; relative paths in it are relative to the file.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses a configuration; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<CoordinatorConfig, String> {
+        let mut c: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        for p in [
+            &mut c.data_dir,
+            &mut c.store,
+            &mut c.tls.ca,
+            &mut c.tls.cert,
+            &mut c.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = &mut c.tls.client_tokens
+            && t.is_relative()
+        {
+            *t = base.join(&*t);
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must not be 0".into());
+        }
+        if !self.peers.iter().any(|p| p.id == self.node_id) {
+            return Err(format!("peers must list this node (node_id {})", self.node_id));
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() || ids.contains(&0) {
+            return Err("peer ids must be distinct and not 0".into());
+        }
+        if ![1, 3, 5].contains(&self.peers.len()) {
+            return Err(format!(
+                "a cluster has 1, 3 or 5 coordinators, not {}",
+                self.peers.len()
+            ));
+        }
+        if !matches!(self.scheduler.emulation.as_str(), "allow" | "deny") {
+            return Err(format!(
+                "scheduler.emulation is {:?}: expected allow or deny",
+                self.scheduler.emulation
+            ));
+        }
+        if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks {
+            return Err("raft.election_ticks must be greater than raft.heartbeat_ticks (> 0)".into());
+        }
+        if self.scheduler.lease_ms <= 2 * self.scheduler.heartbeat_ms {
+            return Err("scheduler.lease_ms must be more than twice scheduler.heartbeat_ms".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.toml");
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn the_deploy_example_is_valid() {
+        let c = CoordinatorConfig::parse(&example(), Path::new("/etc/strata")).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.peers.len(), 3);
+        assert!(c.tls.ca.starts_with("/etc/strata"));
+        assert_eq!(c.raft, RaftConfig::default());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let bad = example().replace("node_id = 1", "node_id = 7");
+        let err = CoordinatorConfig::parse(&bad, Path::new("/")).unwrap_err();
+        assert!(err.contains("peers must list this node"), "{err}");
+        let bad = example().replace("node_id = 1", "node_id = 1\nnode_idd = 2");
+        let err = CoordinatorConfig::parse(&bad, Path::new("/")).unwrap_err();
+        assert!(err.contains("unknown field `node_idd`"), "{err}");
+        let bad = format!("{}\n[scheduler]\nemulation = \"sometimes\"\n", example());
+        let err = CoordinatorConfig::parse(&bad, Path::new("/")).unwrap_err();
+        assert!(err.contains("expected allow or deny"), "{err}");
+    }
+}
