@@ -8,7 +8,9 @@
 //!   layers, the diff-id;
 //! - `index/sha256/<hex>`: the blake3 key of the blob with that sha256 digest (OCI speaks sha256);
 //! - `cache/<key>`: [`CacheEntry`] as JSON: what a build step produced, by its cache key;
-//! - `memo/<key>`: a value computed from immutable inputs, as JSON.
+//! - `memo/<key>`: a value computed from immutable inputs, as JSON;
+//! - `ctx/<hex>`: a build-context manifest (JSON) by the blake3 of its bytes; the files it lists
+//!   are blobs without metadata.
 //!
 //! Every JSON record carries a `version`; readers refuse versions they do not know.
 
@@ -326,6 +328,82 @@ impl BlobStore {
     /// Records the result of a build step.
     pub async fn cache_put(&self, key: &str, entry: &CacheEntry) -> Result<(), StoreError> {
         self.put_record(&cache_path(key), entry).await
+    }
+
+    /// Whether the store holds bytes under this key (with or without [`BlobMeta`]).
+    pub async fn has_content(&self, b3: &str) -> Result<bool, StoreError> {
+        let p = blob_path(b3);
+        match self.inner.head(&p).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(backend("head", &p, e)),
+        }
+    }
+
+    /// Stores a file's bytes under their blake3 key without OCI metadata (build-context files);
+    /// the key is checked against the bytes as they are written.
+    pub async fn put_content(&self, file: &Path, b3: &str) -> Result<(), StoreError> {
+        let p = blob_path(b3);
+        let upload = self
+            .inner
+            .put_multipart(&p)
+            .await
+            .map_err(|e| backend("put", &p, e))?;
+        let mut writer = WriteMultipart::new(upload);
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| io_err(file, e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).await.map_err(|e| io_err(file, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            writer.write(&buf[..n]);
+        }
+        let actual = hasher.finalize().to_hex().to_string();
+        if actual != b3 {
+            writer.abort().await.map_err(|e| backend("abort", &p, e))?;
+            return Err(StoreError::Corrupt {
+                key: b3.to_string(),
+                actual,
+            });
+        }
+        writer.finish().await.map_err(|e| backend("put", &p, e))?;
+        Ok(())
+    }
+
+    /// Stores a build-context manifest at `ctx/<blake3>`; returns the key.
+    pub async fn put_context_manifest(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let b3 = blake3::hash(bytes).to_hex().to_string();
+        let p = StorePath::from(format!("ctx/{b3}"));
+        self.inner
+            .put(&p, PutPayload::from(Bytes::copy_from_slice(bytes)))
+            .await
+            .map_err(|e| backend("put", &p, e))?;
+        Ok(b3)
+    }
+
+    /// A build-context manifest, verified against its key.
+    pub async fn get_context_manifest(&self, b3: &str) -> Result<Bytes, StoreError> {
+        let p = StorePath::from(format!("ctx/{b3}"));
+        let bytes = match self.inner.get(&p).await {
+            Ok(r) => r.bytes().await.map_err(|e| backend("get", &p, e))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(format!("context manifest {b3}")));
+            }
+            Err(e) => return Err(backend("get", &p, e)),
+        };
+        let actual = blake3::hash(&bytes).to_hex().to_string();
+        if actual != b3 {
+            return Err(StoreError::Corrupt {
+                key: b3.to_string(),
+                actual,
+            });
+        }
+        Ok(bytes)
     }
 
     /// A remembered value computed from immutable inputs (`memo/<key>`), such as the content

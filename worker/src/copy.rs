@@ -999,6 +999,12 @@ impl DockerIgnore {
     }
 
     /// Whether `rel_path` (relative to the context root, `/`-separated) is excluded.
+    /// Whether some pattern re-includes paths (`!pattern`): an excluded directory may then
+    /// still hold files that are not excluded.
+    pub fn has_exceptions(&self) -> bool {
+        self.set.has_exclusions
+    }
+
     pub fn is_excluded(&self, rel_path: &str) -> bool {
         let cleaned = clean(rel_path.trim_start_matches('/'));
         if cleaned == "." || cleaned.is_empty() {

@@ -1,0 +1,422 @@
+//! Build contexts in the blob store, for builds that run on other machines: the client
+//! uploads the files `.dockerignore` lets through (only the blobs the store lacks) and a
+//! manifest of the tree; a worker materialises the tree from the manifest once and reuses it.
+//!
+//! The manifest keeps what COPY and ADD read: paths, file types, modes, owners, modification
+//! times, symlink targets, and each file's content key (blake3). Extended attributes are not
+//! carried. `.dockerignore` itself is always kept, so that the worker applies the same rules.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use strata_shared::store::{BlobStore, StoreError};
+
+use crate::copy::DockerIgnore;
+use crate::hashcache::HashCache;
+
+const MANIFEST_VERSION: u32 = 1;
+
+/// A build context as a tree of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextManifest {
+    pub version: u32,
+    /// Sorted by path; parents before children.
+    pub entries: Vec<ContextEntry>,
+}
+
+/// One file, directory or symlink of a context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextEntry {
+    /// Relative to the context root, `/`-separated.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits with setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+    #[serde(default)]
+    pub size: u64,
+    /// blake3 of a file's bytes (the store key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// The manifest's key: what a build request names.
+    pub id: String,
+    pub files: usize,
+    /// Files whose bytes the store did not have.
+    pub uploaded: usize,
+    pub bytes_uploaded: u64,
+}
+
+/// Context failures, naming the path or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("context manifest {id}: {reason}")]
+    BadManifest { id: String, reason: String },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ContextError + 'a {
+    move |source| ContextError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Walks a context directory, skipping what `.dockerignore` excludes (sockets, fifos and
+/// devices are skipped too), hashing files with the cache.
+pub fn scan(
+    root: &Path,
+    ignore: Option<&DockerIgnore>,
+    hashes: &HashCache,
+) -> Result<ContextManifest, ContextError> {
+    let mut entries = Vec::new();
+    walk(root, "", ignore, hashes, &mut entries)?;
+    Ok(ContextManifest {
+        version: MANIFEST_VERSION,
+        entries,
+    })
+}
+
+fn walk(
+    dir: &Path,
+    rel: &str,
+    ignore: Option<&DockerIgnore>,
+    hashes: &HashCache,
+    out: &mut Vec<ContextEntry>,
+) -> Result<(), ContextError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(io("read directory", dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io("read directory", dir))?;
+    names.sort();
+    for name in names {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return Err(ContextError::Io {
+                op: "read",
+                path: dir.join(&name),
+                source: std::io::Error::other("file name is not UTF-8"),
+            });
+        };
+        let path = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let abs = dir.join(&name);
+        let keep_always = path == ".dockerignore";
+        if !keep_always && ignore.is_some_and(|i| i.is_excluded(&path)) {
+            // An excluded directory may still hold re-included files (`!` patterns).
+            let meta = fs::symlink_metadata(&abs).map_err(io("stat", &abs))?;
+            if !(meta.is_dir() && ignore.is_some_and(DockerIgnore::has_exceptions)) {
+                continue;
+            }
+        }
+        let meta = fs::symlink_metadata(&abs).map_err(io("stat", &abs))?;
+        let ft = meta.file_type();
+        let mut entry = ContextEntry {
+            path: path.clone(),
+            kind: EntryKind::Dir,
+            mode: meta.permissions().mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            size: 0,
+            blake3: None,
+            target: None,
+        };
+        if ft.is_dir() {
+            out.push(entry);
+            walk(&abs, &path, ignore, hashes, out)?;
+        } else if ft.is_file() {
+            let hash = match hashes.get(&meta) {
+                Some(h) => h,
+                None => {
+                    let mut f = fs::File::open(&abs).map_err(io("open", &abs))?;
+                    let mut h = blake3::Hasher::new();
+                    std::io::copy(&mut f, &mut h).map_err(io("read", &abs))?;
+                    let h = h.finalize();
+                    hashes.put(&meta, h);
+                    h
+                }
+            };
+            entry.kind = EntryKind::File;
+            entry.size = meta.len();
+            entry.blake3 = Some(hash.to_hex().to_string());
+            out.push(entry);
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&abs).map_err(io("read link", &abs))?;
+            entry.kind = EntryKind::Symlink;
+            entry.target = Some(target.to_string_lossy().into_owned());
+            out.push(entry);
+        }
+    }
+    Ok(())
+}
+
+/// Uploads a context: every file the store lacks, then the manifest.
+pub async fn upload(
+    store: &BlobStore,
+    root: &Path,
+    ignore: Option<DockerIgnore>,
+    hashes: std::sync::Arc<HashCache>,
+) -> Result<Uploaded, ContextError> {
+    let scan_root = root.to_path_buf();
+    let h = hashes.clone();
+    let manifest = tokio::task::spawn_blocking(move || scan(&scan_root, ignore.as_ref(), &h))
+        .await
+        .map_err(|e| ContextError::Io {
+            op: "scan",
+            path: root.to_path_buf(),
+            source: std::io::Error::other(e),
+        })??;
+    let _ = tokio::task::spawn_blocking(move || hashes.save()).await;
+    let mut seen = BTreeSet::new();
+    let (mut uploaded, mut bytes_uploaded, mut files) = (0, 0, 0);
+    for e in &manifest.entries {
+        let Some(b3) = &e.blake3 else { continue };
+        files += 1;
+        if !seen.insert(b3.clone()) || store.has_content(b3).await? {
+            continue;
+        }
+        store.put_content(&root.join(&e.path), b3).await?;
+        uploaded += 1;
+        bytes_uploaded += e.size;
+    }
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| ContextError::BadManifest {
+        id: String::new(),
+        reason: e.to_string(),
+    })?;
+    let id = store.put_context_manifest(&bytes).await?;
+    Ok(Uploaded {
+        id,
+        files,
+        uploaded,
+        bytes_uploaded,
+    })
+}
+
+/// The context `id` as a directory under `cache_dir` (made once, then reused).
+pub async fn materialize(
+    store: &BlobStore,
+    id: &str,
+    cache_dir: &Path,
+) -> Result<PathBuf, ContextError> {
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ContextError::BadManifest {
+            id: id.to_string(),
+            reason: "not a blake3 key".into(),
+        });
+    }
+    let dest = cache_dir.join(id);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    let bytes = store.get_context_manifest(id).await?;
+    let manifest: ContextManifest =
+        serde_json::from_slice(&bytes).map_err(|e| ContextError::BadManifest {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+    if manifest.version != MANIFEST_VERSION {
+        return Err(ContextError::BadManifest {
+            id: id.to_string(),
+            reason: format!("unknown version {}", manifest.version),
+        });
+    }
+    fs::create_dir_all(cache_dir).map_err(io("create directory", cache_dir))?;
+    let tmp = cache_dir.join(format!(".tmp-{id}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
+    let result = fill(store, id, &manifest, &tmp).await;
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, &dest) {
+        Ok(()) => Ok(dest),
+        Err(_) if dest.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+            Ok(dest)
+        }
+        Err(e) => Err(io("rename", &dest)(e)),
+    }
+}
+
+async fn fill(
+    store: &BlobStore,
+    id: &str,
+    manifest: &ContextManifest,
+    root: &Path,
+) -> Result<(), ContextError> {
+    for e in &manifest.entries {
+        let rel = Path::new(&e.path);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(ContextError::BadManifest {
+                id: id.to_string(),
+                reason: format!("path {:?} leaves the context", e.path),
+            });
+        }
+        let path = root.join(rel);
+        match e.kind {
+            EntryKind::Dir => fs::create_dir(&path).map_err(io("create directory", &path))?,
+            EntryKind::File => {
+                let b3 = e
+                    .blake3
+                    .as_deref()
+                    .ok_or_else(|| ContextError::BadManifest {
+                        id: id.to_string(),
+                        reason: format!("file {:?} has no content key", e.path),
+                    })?;
+                store.get_to_file(b3, &path).await?;
+            }
+            EntryKind::Symlink => {
+                let target = e.target.as_deref().unwrap_or_default();
+                std::os::unix::fs::symlink(target, &path).map_err(io("create symlink", &path))?;
+            }
+        }
+        let _ = std::os::unix::fs::lchown(&path, Some(e.uid), Some(e.gid));
+        if e.kind != EntryKind::Symlink {
+            fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
+                .map_err(io("chmod", &path))?;
+        }
+    }
+    // Times last, deepest first, so that creating children does not change them.
+    for e in manifest.entries.iter().rev() {
+        let path = root.join(&e.path);
+        let t =
+            filetime::FileTime::from_unix_time(e.mtime, u32::try_from(e.mtime_nsec).unwrap_or(0));
+        filetime::set_symlink_file_times(&path, t, t).map_err(io("set times of", &path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::{CopySpec, source_digest};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_context_round_trips_through_the_store_and_digests_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path().join("ctx");
+        fs::create_dir_all(ctx.join("src/deep")).unwrap();
+        fs::write(ctx.join("src/main.c"), b"int main() {}\n").unwrap();
+        fs::write(ctx.join("src/deep/same.c"), b"int main() {}\n").unwrap();
+        fs::write(ctx.join("run.sh"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(ctx.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("src/main.c", ctx.join("link")).unwrap();
+        fs::write(ctx.join("secret.env"), b"TOKEN=1\n").unwrap();
+        fs::write(ctx.join(".dockerignore"), b"*.env\n").unwrap();
+        let store = BlobStore::local(&tmp.path().join("store")).unwrap();
+        let ignore = DockerIgnore::parse("*.env\n").unwrap();
+        let hashes = Arc::new(HashCache::in_memory());
+
+        let up = upload(&store, &ctx, Some(ignore.clone()), hashes.clone())
+            .await
+            .unwrap();
+        assert_eq!(up.files, 4, "secret.env is ignored, .dockerignore kept");
+        assert_eq!(up.uploaded, 3, "two files with the same bytes are one blob");
+        let again = upload(&store, &ctx, Some(ignore.clone()), hashes)
+            .await
+            .unwrap();
+        assert_eq!((again.id.clone(), again.uploaded), (up.id.clone(), 0));
+
+        let local = materialize(&store, &up.id, &tmp.path().join("cache"))
+            .await
+            .unwrap();
+        assert!(!local.join("secret.env").exists());
+        assert_eq!(
+            fs::read_link(local.join("link")).unwrap(),
+            PathBuf::from("src/main.c")
+        );
+        assert_eq!(
+            fs::metadata(local.join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        // COPY sees the same content either side.
+        let spec = CopySpec {
+            sources: vec![".".into()],
+            dest: "/app/".into(),
+            workdir: "/".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            source_digest(&ctx, &spec, Some(&ignore)).unwrap(),
+            source_digest(&local, &spec, Some(&ignore)).unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tampered_manifest_or_blob_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(&tmp.path().join("store")).unwrap();
+        let evil = ContextManifest {
+            version: MANIFEST_VERSION,
+            entries: vec![ContextEntry {
+                path: "../escape".into(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                blake3: None,
+                target: None,
+            }],
+        };
+        let id = store
+            .put_context_manifest(&serde_json::to_vec(&evil).unwrap())
+            .await
+            .unwrap();
+        let err = materialize(&store, &id, &tmp.path().join("cache"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("leaves the context"), "{err}");
+        let err = materialize(&store, &"0".repeat(64), &tmp.path().join("cache"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not in the store"), "{err}");
+    }
+}
