@@ -183,39 +183,10 @@ impl BlobStore {
         if self.has(&meta.blake3).await? {
             return Ok(());
         }
-        let p = blob_path(&meta.blake3);
-        let upload = self
-            .inner
-            .put_multipart(&p)
-            .await
-            .map_err(|e| backend("put", &p, e))?;
-        let mut writer = WriteMultipart::new(upload);
-        let mut f = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| io_err(file, e))?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).await.map_err(|e| io_err(file, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            writer.write(&buf[..n]);
-        }
-        let actual = hasher.finalize().to_hex().to_string();
-        if actual != meta.blake3 {
-            writer.abort().await.map_err(|e| backend("abort", &p, e))?;
-            return Err(StoreError::Corrupt {
-                key: meta.blake3.clone(),
-                actual,
-            });
-        }
-        writer.finish().await.map_err(|e| backend("put", &p, e))?;
+        self.put_content(file, &meta.blake3).await?;
         self.put_meta(meta).await
     }
 
-    /// Stores small bytes (configs, manifests), computing their keys.
     pub async fn put_bytes(&self, bytes: &[u8], media_type: &str) -> Result<BlobMeta, StoreError> {
         let meta = BlobMeta {
             version: RECORD_VERSION,
