@@ -157,7 +157,10 @@ impl CoordinatorConfig {
             return Err("node_id must not be 0".into());
         }
         if !self.peers.iter().any(|p| p.id == self.node_id) {
-            return Err(format!("peers must list this node (node_id {})", self.node_id));
+            return Err(format!(
+                "peers must list this node (node_id {})",
+                self.node_id
+            ));
         }
         let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
         ids.sort_unstable();
@@ -178,7 +181,9 @@ impl CoordinatorConfig {
             ));
         }
         if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks {
-            return Err("raft.election_ticks must be greater than raft.heartbeat_ticks (> 0)".into());
+            return Err(
+                "raft.election_ticks must be greater than raft.heartbeat_ticks (> 0)".into(),
+            );
         }
         if self.scheduler.lease_ms <= 2 * self.scheduler.heartbeat_ms {
             return Err("scheduler.lease_ms must be more than twice scheduler.heartbeat_ms".into());
