@@ -10,6 +10,7 @@ use clap::Args;
 use strata_coordinator::build::{self as driver, BuildRequest, Runner};
 use strata_coordinator::export;
 use strata_coordinator::placement::WorkerInfo;
+use strata_coordinator::server::ClusterBuildRequest;
 use strata_shared::dockerfile::stages::BuildOptions;
 use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::platform::Platform;
@@ -17,7 +18,9 @@ use strata_shared::progress::{Event, Progress};
 use strata_shared::reference::ImageRef;
 use strata_shared::registry::RegistryClient;
 use strata_shared::store::BlobStore;
+use strata_worker::copy::DockerIgnore;
 use strata_worker::engine::Engine;
+use strata_worker::hashcache::HashCache;
 use strata_worker::snapshot::SnapshotKind;
 
 use crate::plan::{parse_build_args, parse_platforms, read_dockerfile};
@@ -64,6 +67,27 @@ pub struct BuildArgs {
     /// Whether stages of a platform this machine cannot run natively may run under QEMU.
     #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
     emulation: String,
+    /// Build on a cluster: its coordinators' addresses (comma-separated). Without it the build
+    /// runs here, on an embedded coordinator and worker.
+    #[arg(long, value_delimiter = ',', env = "STRATA_COORDINATOR")]
+    coordinator: Vec<std::net::SocketAddr>,
+    /// The cluster CA certificate.
+    #[arg(long, env = "STRATA_CA")]
+    ca: Option<PathBuf>,
+    /// A client token for the cluster.
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A client certificate and key for the cluster (instead of a token).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The cluster's blob store (the directory its coordinators and workers share).
+    #[arg(long, env = "STRATA_STORE")]
+    store: Option<PathBuf>,
+    /// The queue the build is fair-shared in on a cluster.
+    #[arg(long, default_value = "default")]
+    tenant: String,
 }
 
 /// One `--output`.
@@ -279,6 +303,19 @@ async fn build(args: BuildArgs) -> Result<()> {
     let state = state_dir()?;
     let scratch = state.join("tmp");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    if !args.coordinator.is_empty() {
+        return build_remote(
+            args,
+            dockerfile,
+            context,
+            tags,
+            outputs,
+            compression,
+            allow_host_network,
+            &state,
+        )
+        .await;
+    }
     let secrets = parse_secrets(&args.secrets, &scratch)?;
     let store = BlobStore::local(&state.join("store")).context("opening the blob store")?;
     let snapshots = match std::env::var("STRATA_SNAPSHOTTER").as_deref() {
@@ -327,65 +364,144 @@ async fn build(args: BuildArgs) -> Result<()> {
             });
             return Ok(());
         }
-        let image = export::assemble(&built.images, &export::creation_time())
-            .map_err(|e| anyhow!("{e}"))?;
-        let root = image.root();
-        for out in &outputs {
-            let started = std::time::Instant::now();
-            let what = match out {
-                Output::Oci(dest) => {
-                    export::write_oci_tar(&store, &image, &tags, dest, &scratch).await?;
-                    format!("exported OCI image {} to {}", root.digest, dest.display())
-                }
-                Output::Docker(dest) => {
-                    export::write_docker_tar(&store, &image, &tags, dest, &scratch).await?;
-                    format!(
-                        "docker image {} to {}",
-                        image.images[0].config_digest,
-                        dest.display()
-                    )
-                }
-                Output::Local(dest) => {
-                    crate::local::export(&store, &built.images, dest, &scratch).await?;
-                    format!("exported files to {}", dest.display())
-                }
-                Output::Push(names) => {
-                    let names = if names.is_empty() {
-                        tags.clone()
-                    } else {
-                        names
-                            .iter()
-                            .map(|n| {
-                                ImageRef::parse(n).map_err(|e| anyhow!("--output name={n}: {e}"))
-                            })
-                            .collect::<Result<Vec<_>>>()?
-                    };
-                    if names.is_empty() {
-                        bail!("--output type=image: give name=REGISTRY/REPOSITORY:TAG or -t");
-                    }
-                    let client =
-                        RegistryClient::new().map_err(|e| anyhow!("registry client: {e}"))?;
-                    let reports = export::push(&client, &store, &image, &names).await?;
-                    let mut what = Vec::new();
-                    for (name, r) in names.iter().zip(&reports) {
-                        what.push(format!(
-                            "{name}@{} ({} blobs uploaded, {} already there, {} mounted)",
-                            r.digest, r.uploaded, r.skipped, r.mounted
-                        ));
-                    }
-                    format!("pushed {}", what.join(", "))
-                }
-            };
-            progress.send(Event::Note {
-                text: format!("{what} in {:.1}s", started.elapsed().as_secs_f64()),
-            });
-        }
-        Ok::<_, anyhow::Error>(())
+        export_all(&store, &built.images, &outputs, &tags, &scratch, &progress).await
     }
     .await;
     drop(progress);
     let _ = printer.await;
     result
+}
+
+/// `strata build --coordinator ...`: the build runs on the cluster; the outputs are written
+/// here from the cluster's store.
+#[allow(clippy::too_many_arguments)]
+async fn build_remote(
+    args: BuildArgs,
+    dockerfile: String,
+    context: PathBuf,
+    tags: Vec<ImageRef>,
+    outputs: Vec<Output>,
+    compression: Compression,
+    allow_host_network: bool,
+    state: &Path,
+) -> Result<()> {
+    if !args.secrets.is_empty() {
+        bail!("--secret is not carried to a cluster: secrets stay on this machine");
+    }
+    let ca = args.ca.clone().ok_or_else(|| {
+        anyhow!("--coordinator needs --ca (or STRATA_CA): the cluster CA certificate")
+    })?;
+    let store_dir = args.store.clone().ok_or_else(|| {
+        anyhow!("--coordinator needs --store (or STRATA_STORE): the cluster's blob store")
+    })?;
+    let access = crate::cluster::ClusterAccess {
+        coordinators: args.coordinator.clone(),
+        ca,
+        token: args.token.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    };
+    let store = BlobStore::local(&store_dir).context("opening the cluster's blob store")?;
+    let scratch = state.join("tmp");
+    let request = ClusterBuildRequest {
+        dockerfile,
+        context_id: String::new(),
+        options: BuildOptions {
+            build_args: parse_build_args(&args.build_args)?,
+            target: args.target.clone(),
+        },
+        platforms: parse_platforms(&args.platforms)?,
+        no_cache: args.no_cache,
+        allow_host_network,
+        compression,
+        emulation: args.emulation.clone(),
+        tenant: args.tenant.clone(),
+    };
+    let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {
+        Ok(text) => Some(DockerIgnore::parse(&text).map_err(|e| anyhow!(".dockerignore: {e}"))?),
+        Err(_) => None,
+    };
+    let hashes = Arc::new(HashCache::load(&state.join("client-file-hashes")));
+    let (progress, rx) = Progress::channel();
+    let printer = tokio::spawn(progress::print(args.progress, rx));
+    let result = async {
+        let images = crate::cluster::build_on_cluster(
+            &access, &store, &context, ignore, hashes, request, &progress,
+        )
+        .await?;
+        if outputs.is_empty() {
+            progress.send(Event::Note {
+                text: "no --output given: the result stays in the cluster's cache".into(),
+            });
+            return Ok(());
+        }
+        export_all(&store, &images, &outputs, &tags, &scratch, &progress).await
+    }
+    .await;
+    drop(progress);
+    let _ = printer.await;
+    result
+}
+
+/// Writes or pushes the built images to every requested output.
+pub async fn export_all(
+    store: &BlobStore,
+    images: &[(Platform, StageOutput)],
+    outputs: &[Output],
+    tags: &[ImageRef],
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<()> {
+    let image = export::assemble(images, &export::creation_time()).map_err(|e| anyhow!("{e}"))?;
+    let root = image.root();
+    for out in outputs {
+        let started = std::time::Instant::now();
+        let what = match out {
+            Output::Oci(dest) => {
+                export::write_oci_tar(store, &image, tags, dest, scratch).await?;
+                format!("exported OCI image {} to {}", root.digest, dest.display())
+            }
+            Output::Docker(dest) => {
+                export::write_docker_tar(store, &image, tags, dest, scratch).await?;
+                format!(
+                    "exported docker image {} to {}",
+                    image.images[0].config_digest,
+                    dest.display()
+                )
+            }
+            Output::Local(dest) => {
+                crate::local::export(store, images, dest, scratch).await?;
+                format!("exported files to {}", dest.display())
+            }
+            Output::Push(names) => {
+                let names = if names.is_empty() {
+                    tags.to_vec()
+                } else {
+                    names
+                        .iter()
+                        .map(|n| ImageRef::parse(n).map_err(|e| anyhow!("--output name={n}: {e}")))
+                        .collect::<Result<Vec<_>>>()?
+                };
+                if names.is_empty() {
+                    bail!("--output type=image: give name=REGISTRY/REPOSITORY:TAG or -t");
+                }
+                let client = RegistryClient::new().map_err(|e| anyhow!("registry client: {e}"))?;
+                let reports = export::push(&client, store, &image, &names).await?;
+                let mut what = Vec::new();
+                for (name, r) in names.iter().zip(&reports) {
+                    what.push(format!(
+                        "{name}@{} ({} blobs uploaded, {} already there, {} mounted)",
+                        r.digest, r.uploaded, r.skipped, r.mounted
+                    ));
+                }
+                format!("pushed {}", what.join(", "))
+            }
+        };
+        progress.send(Event::Note {
+            text: format!("{what} in {:.1}s", started.elapsed().as_secs_f64()),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

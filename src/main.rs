@@ -4,6 +4,7 @@
 //! chain when it fails; each command lives in its own module.
 
 mod build;
+mod cluster;
 mod local;
 mod plan;
 mod progress;
@@ -23,9 +24,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Build an image from a Dockerfile and a context (embedded coordinator and worker).
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Print the stages a build would run, per platform, pruned to the target.
     Plan(plan::PlanArgs),
+    /// Run a coordinator of a cluster (`--config FILE`), or `init` a development cluster.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Show the coordinators, the leader, the workers and the build queue of a cluster.
+    Status(cluster::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,8 +43,10 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Build(args) => build::run(args),
+        Commands::Build(args) => build::run(*args),
         Commands::Plan(args) => plan::run(args),
+        Commands::Coordinator(args) => cluster::coordinator(args),
+        Commands::Status(args) => cluster::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

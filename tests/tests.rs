@@ -4,3 +4,4 @@ mod build_cli;
 mod build_multi;
 mod fixture;
 mod plan_cli;
+mod cluster;

@@ -5,7 +5,13 @@
 //! images ([`export`]).
 
 pub mod build;
+pub mod config;
 pub mod export;
+pub mod init;
 pub mod placement;
+pub mod raft;
+pub mod scheduler;
+pub mod server;
+pub mod state;
 
 pub use strata_shared as shared;

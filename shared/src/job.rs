@@ -28,7 +28,7 @@ pub struct StageOutput {
 }
 
 /// One stage to build for one platform.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageJob {
     /// Identifies the job in progress events.
     pub id: usize,
@@ -52,6 +52,18 @@ pub struct StageJob {
     /// `--allow network.host`.
     pub allow_host_network: bool,
     pub compression: Compression,
+}
+
+/// A stage job as a coordinator hands it to a remote worker: the JSON of
+/// [`crate::wire::JobOffer::job_json`]. The build context travels through the shared blob store:
+/// when `context_id` is set, the worker materialises that context (the key of its manifest,
+/// written by the client's upload) and runs the job with `job.context` set to that directory;
+/// `job.context` as sent is a path on the submitting machine and means nothing to the worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterJob {
+    pub job: StageJob,
+    /// The build context in the shared store (a blake3 key), when the job reads one.
+    pub context_id: Option<String>,
 }
 
 /// A failed build step, saying where and what.

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// One thing that happened in a build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A step starts: `[label n/m] text`.
@@ -29,7 +29,7 @@ pub enum Event {
     Done {
         job: usize,
         n: usize,
-        #[serde(serialize_with = "secs")]
+        #[serde(serialize_with = "secs", deserialize_with = "from_secs")]
         elapsed: Duration,
     },
     /// The step failed with this message.
@@ -40,6 +40,11 @@ pub enum Event {
     },
     /// A line about the build as a whole (exporting, pushing).
     Note { text: String },
+}
+
+fn from_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let secs = f64::deserialize(d)?;
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or_default())
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -52,7 +52,8 @@ const ORGANIZATION: &str = "strata";
 /// Keep-alive interval of every strata connection: long-lived worker and peer connections
 /// stay open while idle. Quinn's idle timeout (30 s by default) then only fires on a peer that
 /// is really gone.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What a node is in the cluster; carried in its certificate (`OU=`) and in
 /// [`crate::wire::Hello`].
@@ -589,9 +590,14 @@ fn root_store(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// Keep-alives every [`KEEP_ALIVE`] and a connection declared dead after [`IDLE_TIMEOUT`]
+/// of silence: a coordinator notices a crashed peer within seconds and redials it.
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
     Arc::new(transport)
 }
 

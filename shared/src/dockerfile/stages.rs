@@ -27,7 +27,7 @@ use crate::platform::Platform;
 use crate::reference::ImageRef;
 
 /// What a build is asked for, apart from the platforms.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BuildOptions {
     /// `--build-arg` values.
     pub build_args: BTreeMap<String, String>,

@@ -1,0 +1,365 @@
+//! The cluster commands: `strata coordinator` (run one, or `init` a development cluster's
+//! files) and `strata status`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use strata_coordinator::config::CoordinatorConfig;
+use strata_coordinator::init::{InitPlan, init};
+use strata_coordinator::server::ClusterBuildRequest;
+use strata_coordinator::state::TargetOutput;
+use strata_shared::job::StageOutput;
+use strata_shared::platform::Platform;
+use strata_shared::progress::{Event, Progress};
+use strata_shared::store::BlobStore;
+use strata_shared::tls::{self, Identity, Role};
+use strata_shared::wire::{
+    self, ClientMsg, CoordinatorToClient, Hello, Outcome, StatusReply, StatusRequest, SubmitBuild,
+    WatchBuild,
+};
+use strata_worker::context::upload;
+use strata_worker::copy::DockerIgnore;
+use strata_worker::hashcache::HashCache;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CoordinatorArgs {
+    #[command(subcommand)]
+    command: Option<CoordinatorCommand>,
+    /// The configuration file (see deploy/coordinator.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CoordinatorCommand {
+    /// Write a development cluster's certificates and configuration files.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// The directory to write into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Coordinators (1, 3 or 5).
+    #[arg(long, default_value_t = 3)]
+    coordinators: usize,
+    /// Workers to issue certificates for.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Clients to issue certificates for (a token is written too).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// The first coordinator's address; the others take the next ports.
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    listen: SocketAddr,
+}
+
+/// How a client reaches the cluster.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Coordinator addresses, comma-separated (any of them; followers point to the leader).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "STRATA_COORDINATOR",
+        required = true
+    )]
+    coordinator: Vec<SocketAddr>,
+    /// The cluster CA certificate.
+    #[arg(long, env = "STRATA_CA")]
+    ca: PathBuf,
+    /// A client token (instead of a certificate).
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A client certificate and its key (instead of a token).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    match (args.command, args.config) {
+        (Some(CoordinatorCommand::Init(a)), _) => {
+            let report = init(
+                &a.out,
+                &InitPlan {
+                    coordinators: a.coordinators,
+                    first_addr: a.listen,
+                    workers: a.workers,
+                    clients: a.clients,
+                },
+            )?;
+            for (path, addr) in report.coordinator_configs.iter().zip(&report.addresses) {
+                println!(
+                    "coordinator {addr}: strata coordinator --config {}",
+                    path.display()
+                );
+            }
+            println!("client token: {}", report.token_file.display());
+            println!("shared store: {}", report.store.display());
+            Ok(())
+        }
+        (None, Some(path)) => {
+            let config = CoordinatorConfig::load(&path)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(strata_coordinator::server::serve(config))?;
+            Ok(())
+        }
+        (None, None) => {
+            bail!("give --config FILE to run a coordinator, or `init` to write a cluster's files")
+        }
+    }
+}
+
+/// How a client reaches and authenticates to a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterAccess {
+    pub coordinators: Vec<SocketAddr>,
+    pub ca: PathBuf,
+    pub token: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl From<&ClientArgs> for ClusterAccess {
+    fn from(a: &ClientArgs) -> Self {
+        ClusterAccess {
+            coordinators: a.coordinator.clone(),
+            ca: a.ca.clone(),
+            token: a.token.clone(),
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+        }
+    }
+}
+
+/// A connection to one of the coordinators, after the hello: the leader when the first node
+/// that answers names one.
+async fn connect(args: &ClusterAccess) -> Result<(quinn::Connection, SocketAddr)> {
+    let (conn, addr, leader) = connect_any(args, &args.coordinators).await?;
+    if let Some(leader) = leader.filter(|l| *l != addr)
+        && let Ok((conn, addr, _)) = connect_any(args, &[leader]).await
+    {
+        return Ok((conn, addr));
+    }
+    Ok((conn, addr))
+}
+
+/// `name=ip:port` as a coordinator names the leader.
+fn leader_addr(named: &str) -> Option<SocketAddr> {
+    named.rsplit('=').next()?.parse().ok()
+}
+
+async fn connect_any(
+    args: &ClusterAccess,
+    addrs: &[SocketAddr],
+) -> Result<(quinn::Connection, SocketAddr, Option<SocketAddr>)> {
+    let ca = std::fs::read_to_string(&args.ca)
+        .with_context(|| format!("reading {}", args.ca.display()))?;
+    let identity = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => Some(Identity::load(c, k)?),
+        _ => None,
+    };
+    if identity.is_none() && args.token.is_none() {
+        bail!("give --token (or STRATA_TOKEN) or --cert and --key to reach the cluster");
+    }
+    let endpoint = tls::client_endpoint(
+        "0.0.0.0:0".parse()?,
+        tls::client_config(&ca, identity.as_ref())?,
+    )?;
+    let name = match &identity {
+        Some(i) => i.peer()?.name,
+        None => "client".to_string(),
+    };
+    let mut errors = Vec::new();
+    for addr in addrs {
+        let attempt = async {
+            let conn = tls::connect(&endpoint, *addr, &addr.ip().to_string()).await?;
+            let hello = Hello {
+                role: Role::Client,
+                name: name.clone(),
+                token: args.token.clone(),
+            };
+            let welcome = wire::send_hello(&conn, &hello).await?;
+            Ok::<_, anyhow::Error>((conn, welcome.leader.as_deref().and_then(leader_addr)))
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
+            Ok(Ok((conn, leader))) => return Ok((conn, *addr, leader)),
+            Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+            Err(_) => errors.push(format!("{addr}: no answer within 5s")),
+        }
+    }
+    Err(anyhow!("no coordinator answered: {}", errors.join("; ")))
+}
+
+async fn ask_status(args: &ClientArgs) -> Result<(StatusReply, SocketAddr)> {
+    let access = ClusterAccess::from(args);
+    let (conn, addr, _) = connect_any(&access, &access.coordinators).await?;
+    match wire::request::<CoordinatorToClient>(&conn, &ClientMsg::Status(StatusRequest {})).await? {
+        CoordinatorToClient::Status(s) => Ok((s, addr)),
+        CoordinatorToClient::Error(e) => Err(anyhow!("{addr}: {}", e.message)),
+        other => Err(anyhow!("{addr}: unexpected answer {other:?}")),
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (reply, addr) = runtime.block_on(ask_status(&args.client))?;
+    let mut out = String::new();
+    let leader = reply.leader.as_deref().unwrap_or("none (no quorum)");
+    let _ = writeln!(out, "asked {addr}; leader: {leader}");
+    let _ = writeln!(out, "coordinators:");
+    for n in &reply.nodes {
+        let detail = if n.term > 0 {
+            format!(
+                "  term {} commit {} applied {}",
+                n.term, n.commit_index, n.applied_index
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {} {} {} {:?}{detail}",
+            n.id, n.name, n.addr, n.state
+        );
+    }
+    let _ = writeln!(out, "workers: {}", reply.workers.len());
+    for w in &reply.workers {
+        let _ = writeln!(
+            out,
+            "  {} native {} emulated {} capacity {} running {}",
+            w.name,
+            w.native.join(","),
+            w.emulated.join(","),
+            w.capacity,
+            w.running.len()
+        );
+    }
+    let _ = writeln!(out, "queue: {}", reply.queue.len());
+    for b in &reply.queue {
+        let _ = writeln!(
+            out,
+            "  build {} {} {}/{} jobs",
+            b.build_id, b.state, b.jobs_done, b.jobs_total
+        );
+    }
+    // A closed pipe (`strata status | head`) is not an error worth a message.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+    Ok(())
+}
+
+/// Runs a build on a cluster: uploads the context (only the files the store lacks), submits
+/// the request to the leader, prints its progress, and returns each platform's image once the
+/// build is done. A leader change on the way is survived: the client reconnects to whichever
+/// coordinator leads and goes on watching.
+pub async fn build_on_cluster(
+    access: &ClusterAccess,
+    store: &BlobStore,
+    context: &std::path::Path,
+    ignore: Option<DockerIgnore>,
+    hashes: std::sync::Arc<HashCache>,
+    mut request: ClusterBuildRequest,
+    progress: &Progress,
+) -> Result<Vec<(Platform, StageOutput)>> {
+    let started = std::time::Instant::now();
+    let up = upload(store, context, ignore, hashes).await?;
+    progress.send(Event::Note {
+        text: format!(
+            "context: {} files, {} uploaded ({} bytes) in {:.1}s",
+            up.files,
+            up.uploaded,
+            up.bytes_uploaded,
+            started.elapsed().as_secs_f64()
+        ),
+    });
+    request.context_id = up.id;
+    let body = serde_json::to_vec(&request)?;
+
+    // Submit to the leader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let build_id = loop {
+        let (conn, addr) = connect(access).await?;
+        let msg = ClientMsg::Submit(SubmitBuild {
+            request_json: body.clone(),
+        });
+        match wire::request::<CoordinatorToClient>(&conn, &msg).await {
+            Ok(CoordinatorToClient::Accepted(a)) => break a.build_id,
+            Ok(CoordinatorToClient::Error(e)) => bail!("{}", e.message),
+            Ok(CoordinatorToClient::NotLeader(_) | CoordinatorToClient::NoQuorum) | Err(_)
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Ok(other) => bail!("{addr}: unexpected answer to a build request: {other:?}"),
+            Err(e) => bail!("{addr}: {e}"),
+        }
+    };
+    progress.send(Event::Note {
+        text: format!("build {build_id} accepted by the cluster"),
+    });
+
+    // Watch it to the end, from any coordinator, resuming after the last event seen.
+    let mut next_event = 0u64;
+    let mut last_error = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(24 * 3600);
+    while std::time::Instant::now() < deadline {
+        let watched = async {
+            let (conn, _) = connect(access).await?;
+            let mut recv = wire::send_request(
+                &conn,
+                &ClientMsg::Watch(WatchBuild {
+                    build_id,
+                    from_event: next_event,
+                }),
+            )
+            .await?;
+            loop {
+                match wire::read_frame::<CoordinatorToClient>(&mut recv).await? {
+                    CoordinatorToClient::Event(e) => {
+                        next_event = e.seq + 1;
+                        if let Ok(ev) = serde_json::from_slice::<Event>(&e.event_json) {
+                            progress.send(ev);
+                        }
+                    }
+                    CoordinatorToClient::Done(d) => return Ok::<_, anyhow::Error>(Some(d.result)),
+                    CoordinatorToClient::Error(e) => bail!("{}", e.message),
+                    _ => return Ok(None),
+                }
+            }
+        }
+        .await;
+        match watched {
+            Ok(Some(Outcome::Ok(json))) => {
+                let targets: Vec<TargetOutput> = serde_json::from_slice(&json)?;
+                return targets
+                    .into_iter()
+                    .map(|t| Ok((t.platform, serde_json::from_str(&t.output)?)))
+                    .collect();
+            }
+            Ok(Some(Outcome::Err(e))) => bail!("{e}"),
+            Ok(None) => {}
+            Err(e) => last_error = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    bail!("lost the build: {last_error}")
+}
