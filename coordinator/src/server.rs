@@ -21,7 +21,7 @@ use std::time::Instant;
 use strata_shared::dag;
 use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
-use strata_shared::job::{Compression, StageJob, StageOutput};
+use strata_shared::job::{ClusterJob, Compression, StageJob, StageOutput};
 use strata_shared::platform::Platform;
 use strata_shared::tls::{self, ClientTokens, Identity, PeerIdentity, Role};
 use strata_shared::wire::{
@@ -992,8 +992,11 @@ async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 allow_host_network: req.allow_host_network,
                 compression: req.compression,
             };
-            serde_json::to_vec(&serde_json::json!({"job": stage_job, "context_id": req.context_id}))
-                .ok()
+            serde_json::to_vec(&ClusterJob {
+                job: stage_job,
+                context_id: Some(req.context_id),
+            })
+            .ok()
         })
         .await
         .flatten();
