@@ -107,6 +107,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                     path.display()
                 );
             }
+            for path in &report.worker_configs {
+                println!("worker: strata worker --config {}", path.display());
+            }
             println!("client token: {}", report.token_file.display());
             println!("shared store: {}", report.store.display());
             Ok(())

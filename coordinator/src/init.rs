@@ -24,6 +24,8 @@ pub struct InitPlan {
 #[derive(Debug, Clone)]
 pub struct InitReport {
     pub coordinator_configs: Vec<PathBuf>,
+    /// `worker-<name>.toml` for each worker.
+    pub worker_configs: Vec<PathBuf>,
     pub addresses: Vec<SocketAddr>,
     pub token_file: PathBuf,
     pub store: PathBuf,
@@ -118,8 +120,26 @@ pub fn init(out: &Path, plan: &InitPlan) -> Result<InitReport, InitError> {
         write(&path, &text, false)?;
         configs.push(path);
     }
+    let coordinator_list = addresses
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut worker_configs = Vec::new();
+    for name in &workers {
+        let text = format!(
+            "# Written by `strata coordinator init`; see deploy/worker.toml for every key.\n\
+             name = \"{name}\"\ncoordinators = [{coordinator_list}]\ndata_dir = \"data/{name}\"\n\
+             store = \"store\"\n\n[tls]\nca = \"pki/ca.crt\"\ncert = \"pki/worker-{name}.crt\"\n\
+             key = \"pki/worker-{name}.key\"\n"
+        );
+        let path = out.join(format!("worker-{name}.toml"));
+        write(&path, &text, false)?;
+        worker_configs.push(path);
+    }
     Ok(InitReport {
         coordinator_configs: configs,
+        worker_configs,
         addresses,
         token_file,
         store,
@@ -147,6 +167,12 @@ mod tests {
         assert_eq!(c2.listen.to_string(), "127.0.0.1:7401");
         assert!(c2.tls.cert.exists() && c2.tls.key.exists() && c2.tls.ca.exists());
         assert!(dir.path().join("pki/worker-w2.crt").exists());
+        assert_eq!(report.worker_configs.len(), 2);
+        let w2 = std::fs::read_to_string(&report.worker_configs[1]).unwrap();
+        assert!(
+            w2.contains("127.0.0.1:7402") && w2.contains("worker-w2.key"),
+            "{w2}"
+        );
         assert!(dir.path().join("pki/client-client1.key").exists());
         let token = std::fs::read_to_string(&report.token_file).unwrap();
         assert_eq!(token.trim().len(), 64);
