@@ -962,6 +962,7 @@ fn granted_leases(resp: state::Response) -> Vec<state::GrantedLease> {
 /// Sends a leased job to its worker; a worker that cannot take it gives the job back.
 async fn offer(shared: &Shared, lease: state::GrantedLease) {
     let job = lease.job;
+    let worker = lease.worker.clone();
     let spec = shared
         .node
         .query(move |s| {
@@ -992,11 +993,16 @@ async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 allow_host_network: req.allow_host_network,
                 compression: req.compression,
             };
-            serde_json::to_vec(&ClusterJob {
+            let note = format!(
+                "stage {} ({}) runs on worker {}",
+                spec.instance.name, spec.instance.platform, worker
+            );
+            let json = serde_json::to_vec(&ClusterJob {
                 job: stage_job,
                 context_id: Some(req.context_id),
             })
-            .ok()
+            .ok()?;
+            Some((json, spec.build.0, note))
         })
         .await
         .flatten();
@@ -1005,7 +1011,7 @@ async fn offer(shared: &Shared, lease: state::GrantedLease) {
         workers.get(&lease.worker).map(|l| l.conn.clone())
     };
     let refused = match (spec, conn) {
-        (Some(job_json), Some(conn)) => {
+        (Some((job_json, build, note)), Some(conn)) => {
             let offer = CoordinatorToWorker::Offer(wire::JobOffer {
                 job_id: job.0,
                 epoch: lease.token.epoch,
@@ -1014,7 +1020,16 @@ async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 job_json,
             });
             match wire::request::<WorkerMsg>(&conn, &offer).await {
-                Ok(WorkerMsg::Ack(a)) if a.accepted => None,
+                Ok(WorkerMsg::Ack(a)) if a.accepted => {
+                    // Where each stage runs, for the build's watchers.
+                    if let Ok(json) =
+                        serde_json::to_vec(&strata_shared::progress::Event::Note { text: note })
+                    {
+                        let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+                        events.entry(build).or_default().push(json);
+                    }
+                    None
+                }
                 Ok(WorkerMsg::Ack(a)) => Some(format!("the worker refused the job: {}", a.reason)),
                 Ok(other) => Some(format!("unexpected answer to an offer: {other:?}")),
                 Err(e) => Some(format!("offering the job failed: {e}")),
