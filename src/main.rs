@@ -8,6 +8,7 @@ mod cluster;
 mod local;
 mod plan;
 mod progress;
+mod worker_cmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,8 @@ enum Commands {
     Coordinator(cluster::CoordinatorArgs),
     /// Show the coordinators, the leader, the workers and the build queue of a cluster.
     Status(cluster::StatusArgs),
+    /// Run a build worker that takes jobs from a cluster's coordinators.
+    Worker(worker_cmd::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Commands::Plan(args) => plan::run(args),
         Commands::Coordinator(args) => cluster::coordinator(args),
         Commands::Status(args) => cluster::status(args),
+        Commands::Worker(args) => worker_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

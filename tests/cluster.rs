@@ -256,3 +256,144 @@ fn three_coordinators_elect_fail_over_and_restart() {
     let log = std::fs::read_to_string(cluster.dir.path().join("c1.log")).unwrap_or_default();
     assert!(log.contains("refused connection"), "{log}");
 }
+
+/// The cluster with workers: `strata worker` processes started from the files `init` wrote.
+impl Cluster {
+    fn start_worker(&mut self, name: &str) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
+        Command::new(STRATA)
+            .args(["worker", "--config"])
+            .arg(self.dir.path().join(format!("worker-{name}.toml")))
+            .env("STRATA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a worker")
+    }
+
+    /// Waits (at most 30 s) until the cluster lists `n` workers.
+    fn wait_for_workers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for i in 0..3 {
+                if let Ok(text) = self.status(i)
+                    && text.lines().any(|l| l == format!("workers: {n}"))
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} workers did not register:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// `strata build` against the cluster; returns (success, stderr).
+    fn build(&self, context: &Path, extra: &[&str]) -> (bool, String) {
+        let coordinators: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let state = self.dir.path().join("client-state");
+        let out = Command::new(STRATA)
+            .arg("build")
+            .arg(context)
+            .args(["--coordinator", &coordinators.join(",")])
+            .arg("--ca")
+            .arg(self.dir.path().join("pki/ca.crt"))
+            .args(["--token", &self.token()])
+            .arg("--store")
+            .arg(self.dir.path().join("store"))
+            .args(["--progress", "rawjson"])
+            .args(extra)
+            .env("STRATA_STATE_DIR", &state)
+            .output()
+            .expect("strata build");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// The worker each stage ran on, from the build's `runs on worker` notes.
+fn placements(log: &str) -> Vec<(String, String)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| e["text"].as_str().map(str::to_string))
+        .filter_map(|t| {
+            let rest = t.strip_prefix("stage ")?;
+            let (stage, worker) = rest.split_once(" runs on worker ")?;
+            Some((stage.split(' ').next()?.to_string(), worker.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_build_spreads_its_independent_stages_over_two_workers() {
+    let registry = strata_testkit::busybox_registry();
+    let mut cluster = Cluster::init();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.leader_seen_by(0);
+    let mut w1 = cluster.start_worker("w1");
+    let mut w2 = cluster.start_worker("w2");
+    cluster.wait_for_workers(2);
+
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let busybox = format!("{}/library/busybox:latest", registry.addr());
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM {busybox} AS left\nRUN sleep 1 && echo left > /l\n\
+             FROM {busybox} AS right\nRUN sleep 1 && echo right > /r\n\
+             FROM {busybox} AS unused\nRUN echo never\n\
+             FROM {busybox}\nCOPY --from=left /l /l\nCOPY --from=right /r /r\nCOPY hello.txt /hello.txt\n"
+        ),
+    )
+    .expect("Dockerfile");
+    std::fs::write(ctx.path().join("hello.txt"), "from the client's context\n")
+        .expect("context file");
+    let out = cluster.dir.path().join("out");
+    let (ok, log) = cluster.build(
+        ctx.path(),
+        &["--output", &format!("type=local,dest={}", out.display())],
+    );
+    let _ = (w1.kill(), w2.kill(), w1.wait(), w2.wait());
+    assert!(ok, "{log}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("l")).unwrap_or_default(),
+        "left\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("r")).unwrap_or_default(),
+        "right\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("hello.txt")).unwrap_or_default(),
+        "from the client's context\n"
+    );
+    let placed = placements(&log);
+    let worker_of = |stage: &str| {
+        placed
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map(|(_, w)| w.clone())
+    };
+    assert!(
+        placed.iter().all(|(s, _)| s != "unused"),
+        "pruned stages never run: {placed:?}"
+    );
+    let (left, right) = (worker_of("left"), worker_of("right"));
+    assert!(left.is_some() && right.is_some(), "{placed:?}\n{log}");
+    assert_ne!(
+        left, right,
+        "independent stages ran on different workers: {placed:?}"
+    );
+}

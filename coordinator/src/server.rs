@@ -485,12 +485,18 @@ async fn worker_connection(
     };
     let result = async {
         while let Some((mut send, mut recv)) = wire::accept_stream(&conn).await? {
-            let msg = wire::read_frame::<WorkerMsg>(&mut recv).await?;
-            let reply = worker_request(&shared, &conn, &name, msg).await;
-            wire::write_frame(&mut send, &reply).await?;
-            let _ = send.finish();
+            let (shared, conn, name) = (shared.clone(), conn.clone(), name.clone());
+            tokio::spawn(async move {
+                let Ok(msg) = wire::read_frame::<WorkerMsg>(&mut recv).await else {
+                    return;
+                };
+                let reply = worker_request(&shared, &conn, &name, msg).await;
+                if wire::write_frame(&mut send, &reply).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
         }
-        Ok(())
+        Ok::<(), wire::WireError>(())
     }
     .await;
     progress.abort();
@@ -502,6 +508,18 @@ async fn worker_connection(
         workers.remove(&name);
     }
     result
+}
+
+/// A proposal that did not go through is never a refusal: the worker tries again.
+fn worker_propose_error(shared: &Shared, e: ProposeError) -> CoordinatorToWorker {
+    match e {
+        ProposeError::NotLeader { .. } => CoordinatorToWorker::NotLeader(shared.not_leader()),
+        ProposeError::NoQuorum => CoordinatorToWorker::NoQuorum,
+        ProposeError::Failed(message) => CoordinatorToWorker::Error(ErrorReply {
+            code: ErrorCode::Internal,
+            message,
+        }),
+    }
 }
 
 fn ack(accepted: bool, reason: impl Into<String>) -> CoordinatorToWorker {
@@ -561,10 +579,7 @@ async fn worker_request(
                     ack(true, "")
                 }
                 Ok(other) => ack(false, format!("{other:?}")),
-                Err(ProposeError::NotLeader { .. }) => {
-                    CoordinatorToWorker::NotLeader(shared.not_leader())
-                }
-                Err(e) => ack(false, e.to_string()),
+                Err(e) => worker_propose_error(shared, e),
             }
         }
         WorkerMsg::Heartbeat(h) => {
@@ -620,10 +635,7 @@ async fn worker_request(
                     ack(false, reason.to_string())
                 }
                 Ok(_) => ack(true, ""),
-                Err(ProposeError::NotLeader { .. }) => {
-                    CoordinatorToWorker::NotLeader(shared.not_leader())
-                }
-                Err(e) => ack(false, e.to_string()),
+                Err(e) => worker_propose_error(shared, e),
             }
         }
         WorkerMsg::Progress(_) | WorkerMsg::Ack(_) => {

@@ -1,6 +1,8 @@
 //! `strata-worker`: the build engine. It runs the stage jobs of a build: pulls base images,
 //! assembles root filesystems from layers, runs steps in containers through an OCI runtime,
 //! turns each step's changes into a layer, and stores layers in the content-addressed store.
+pub mod agent;
+pub mod config;
 pub mod context;
 pub mod copy;
 pub mod engine;
