@@ -2,6 +2,6 @@
 
 mod build_cli;
 mod build_multi;
+mod cluster;
 mod fixture;
 mod plan_cli;
-mod cluster;
