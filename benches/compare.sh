@@ -247,8 +247,9 @@ expect_in_log() {
 # ---------------------------------------------------------------------------------------------
 # One build per builder. Each takes: shape context dockerfile; stdout+stderr go to the log.
 build_strata() {
-  STRATA_STATE_DIR="$WORK/strata-state" timeout "$BUILD_TIMEOUT" "$STRATA" build "$2" -f "$3" \
-    --build-arg "BASE=$BASE" --progress plain
+  # The engine's debug lines time each phase (the context hashing rate is read from them).
+  STRATA_LOG=strata_worker::engine=debug STRATA_STATE_DIR="$WORK/strata-state" \
+    timeout "$BUILD_TIMEOUT" "$STRATA" build "$2" -f "$3" --build-arg "BASE=$BASE" --progress plain
 }
 build_buildkit() {
   DOCKER_BUILDKIT=1 timeout "$BUILD_TIMEOUT" "${DOCKER[@]}" build --progress plain --network none \
@@ -389,10 +390,21 @@ report() {
           printf "%-9s %12.1f %12.1f\n", b[i], 1000 * t[b[i] SUBSEP "cold"] / 40, 1000 * t[b[i] SUBSEP "warm"] / 40
       }' "$RESULTS"
   fi
+  # Context hashing: the cold build hashes every file (its hash cache is empty); the warm one
+  # finds every file in the cache (keyed by inode, size and times) and reads none.
+  local cold_log="$WORK/logs/context-strata-cold.log"
+  if [ -f "$cold_log" ]; then
+    local ms
+    ms=$(sed 's/\x1b\[[0-9;]*m//g' "$cold_log" | grep -o 'COPY: sources hashed elapsed=[0-9.]*[mµn]*s' | head -n1 |
+      sed 's/.*elapsed=//' | awk '/ms$/ { sub(/ms$/, ""); print; next } /µs$/ { sub(/µs$/, ""); print $1 / 1000; next } /s$/ { sub(/s$/, ""); print $1 * 1000 }')
+    if [ -n "$ms" ]; then
+      echo
+      awk -v mib="$CONTEXT_MIB" -v ms="$ms" 'BEGIN { printf "context hashing (strata, cold context build, every file read and hashed with blake3): %d MiB in %.0f ms = %.0f MiB/s\n", mib, ms, mib / (ms / 1000) }'
+    fi
+  fi
   if awk -F'\t' '$1 == "context" && $2 == "strata" && $3 == "warm" && $5 == "ok" { f = 1 } END { exit !f }' "$RESULTS"; then
-    echo
-    awk -F'\t' -v mib="$CONTEXT_MIB" '$1 == "context" && $2 == "strata" && $3 == "warm" {
-      printf "context hashing (strata, shape context warm: every file read and hashed, all steps cached): %d MiB / %.2f s = %.0f MiB/s (upper bound on the time, lower bound on the rate: the run includes start-up and cache look-ups)\n", mib, $4, mib / $4 }' "$RESULTS"
+    awk -F'\t' '$1 == "context" && $2 == "strata" && $3 == "warm" {
+      printf "warm context build (strata): %.2f s, the files recognised by their metadata, none read again\n", $4 }' "$RESULTS"
   fi
   if [ -s "$FAILURES" ]; then
     echo

@@ -270,6 +270,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long a build request waits for a leader before the client gives up.
+const SUBMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs a build on a cluster: uploads the context (only the files the store lacks), submits
 /// the request to the leader, prints its progress, and returns each platform's image once the
 /// build is done. A leader change on the way is survived: the client reconnects to whichever
@@ -297,24 +300,46 @@ pub async fn build_on_cluster(
     request.context_id = up.id;
     let body = serde_json::to_vec(&request)?;
 
-    // Submit to the leader.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Submit to the leader; a cluster without one is waited for a while, then reported.
+    let deadline = std::time::Instant::now() + SUBMIT_PATIENCE;
     let build_id = loop {
-        let (conn, addr) = connect(access).await?;
-        let msg = ClientMsg::Submit(SubmitBuild {
-            request_json: body.clone(),
-        });
-        match wire::request::<CoordinatorToClient>(&conn, &msg).await {
-            Ok(CoordinatorToClient::Accepted(a)) => break a.build_id,
-            Ok(CoordinatorToClient::Error(e)) => bail!("{}", e.message),
-            Ok(CoordinatorToClient::NotLeader(_) | CoordinatorToClient::NoQuorum) | Err(_)
-                if std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            }
-            Ok(other) => bail!("{addr}: unexpected answer to a build request: {other:?}"),
-            Err(e) => bail!("{addr}: {e}"),
+        let answer = async {
+            let (conn, addr) = connect(access).await?;
+            let msg = ClientMsg::Submit(SubmitBuild {
+                request_json: body.clone(),
+            });
+            let reply = wire::request::<CoordinatorToClient>(&conn, &msg).await?;
+            Ok::<_, anyhow::Error>((addr, reply))
         }
+        .await;
+        let why = match answer {
+            Ok((_, CoordinatorToClient::Accepted(a))) => break a.build_id,
+            Ok((_, CoordinatorToClient::Error(e))) => bail!("{}", e.message),
+            Ok((addr, CoordinatorToClient::NotLeader(n))) => format!(
+                "{addr} is not the leader and knows none{}",
+                n.leader
+                    .map(|l| format!(" (it named {l})"))
+                    .unwrap_or_default()
+            ),
+            Ok((addr, CoordinatorToClient::NoQuorum)) => {
+                format!("{addr} could not commit the build")
+            }
+            Ok((addr, other)) => bail!("{addr}: unexpected answer to a build request: {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            let asked: Vec<String> = access
+                .coordinators
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            bail!(
+                "no quorum: no coordinator leads the cluster after {}s (asked {}); last answer: {why}",
+                SUBMIT_PATIENCE.as_secs(),
+                asked.join(", ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     };
     progress.send(Event::Note {
         text: format!("build {build_id} accepted by the cluster"),

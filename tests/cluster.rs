@@ -141,13 +141,14 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        (1..=3)
+        ["c1", "c2", "c3", "w1", "w2"]
+            .iter()
             .map(|i| {
-                let p = self.dir.path().join(format!("c{i}.log"));
+                let p = self.dir.path().join(format!("{i}.log"));
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(15).collect();
                 format!(
-                    "--- c{i}\n{}",
+                    "--- {i}\n{}",
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 )
             })
@@ -395,5 +396,329 @@ fn a_build_spreads_its_independent_stages_over_two_workers() {
     assert_ne!(
         left, right,
         "independent stages ran on different workers: {placed:?}"
+    );
+}
+
+/// Failure tests use short leases: a silent worker loses its job after 6 s (more than a dead
+/// connection takes to be noticed, 4 s).
+impl Cluster {
+    fn fast_leases(&self) {
+        for i in 0..3 {
+            let path = self.config(i);
+            let mut text = std::fs::read_to_string(&path).expect("config");
+            text.push_str("\n[scheduler]\nlease_ms = 6000\nheartbeat_ms = 300\n");
+            std::fs::write(&path, text).expect("config");
+        }
+        for w in ["w1", "w2"] {
+            let path = self.dir.path().join(format!("worker-{w}.toml"));
+            let text = std::fs::read_to_string(&path).expect("config");
+            std::fs::write(
+                &path,
+                text.replace("\n[tls]", "heartbeat_ms = 300\n\n[tls]"),
+            )
+            .expect("config");
+        }
+    }
+
+    /// The log of a node or worker, without colours.
+    fn log_of(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Job ids a worker took offers for, in order.
+    fn jobs_taken(&self, worker: &str) -> Vec<u64> {
+        self.log_of(worker)
+            .lines()
+            .filter(|l| l.contains("offer taken"))
+            .filter_map(|l| l.split("job=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Waits (at most `secs`) for `cond`.
+    fn wait_until(&self, what: &str, secs: u64, mut cond: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen in {secs}s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `strata build` in the background; its stderr is collected.
+    fn spawn_build(
+        &self,
+        context: &Path,
+        out: &Path,
+    ) -> (Child, std::sync::Arc<std::sync::Mutex<String>>) {
+        use std::io::BufRead;
+        let coordinators: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let mut child = Command::new(STRATA)
+            .arg("build")
+            .arg(context)
+            .args(["--coordinator", &coordinators.join(",")])
+            .arg("--ca")
+            .arg(self.dir.path().join("pki/ca.crt"))
+            .args(["--token", &self.token()])
+            .arg("--store")
+            .arg(self.dir.path().join("store"))
+            .args(["--progress", "rawjson", "--output"])
+            .arg(format!("type=local,dest={}", out.display()))
+            .env("STRATA_STATE_DIR", self.dir.path().join("client-state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("strata build");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        (child, log)
+    }
+
+    fn leader_index(&self) -> usize {
+        let alive: Vec<usize> = (0..3).filter(|i| self.children[*i].is_some()).collect();
+        index_of(&self.leader_seen_by(alive[0]))
+    }
+}
+
+/// Waits for a background build; its success and log.
+fn finish_build(
+    mut child: Child,
+    log: &std::sync::Arc<std::sync::Mutex<String>>,
+    secs: u64,
+) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(200));
+            let text = log.lock().map(|s| s.clone()).unwrap_or_default();
+            return (status.success(), text);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let text = log.lock().map(|s| s.clone()).unwrap_or_default();
+            return (
+                false,
+                format!("the build did not finish in {secs}s\n{text}"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A context whose `slow` stage runs long enough for things to go wrong while it runs.
+fn slow_context(registry: &strata_testkit::Registry, seconds: u32) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let busybox = format!("{}/library/busybox:latest", registry.addr());
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM {busybox} AS quick\nRUN echo quick > /q\n\
+             FROM {busybox} AS slow\nCOPY --from=quick /q /q\nRUN sleep {seconds} && echo slow > /s\n\
+             FROM {busybox}\nCOPY --from=slow /s /s\nCOPY --from=quick /q /q\n"
+        ),
+    )
+    .expect("Dockerfile");
+    ctx
+}
+
+fn started_cluster(workers: &[&str]) -> (Cluster, Vec<Child>) {
+    let mut cluster = Cluster::init();
+    cluster.fast_leases();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.leader_seen_by(0);
+    let children = workers.iter().map(|w| cluster.start_worker(w)).collect();
+    cluster.wait_for_workers(workers.len());
+    (cluster, children)
+}
+
+fn stop(children: Vec<Child>) {
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn the_leader_killed_mid_build_is_replaced_and_no_finished_stage_runs_again() {
+    let registry = strata_testkit::busybox_registry();
+    let (mut cluster, workers) = started_cluster(&["w1", "w2"]);
+    let ctx = slow_context(&registry, 4);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    // Once the slow stage runs, the leader dies.
+    cluster.wait_until("the slow stage starting", 60, |c| {
+        c.jobs_taken("w1").len() + c.jobs_taken("w2").len() >= 2
+    });
+    let leader = cluster.leader_index();
+    cluster.kill(leader);
+    let (ok, text) = finish_build(child, &log, 120);
+    let taken: Vec<u64> = [cluster.jobs_taken("w1"), cluster.jobs_taken("w2")].concat();
+    stop(workers);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("s")).unwrap_or_default(),
+        "slow\n"
+    );
+    let mut unique = taken.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), taken.len(), "every job ran once: {taken:?}");
+    assert_eq!(taken.len(), 3, "three stages: {taken:?}");
+}
+
+#[test]
+fn a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_elsewhere() {
+    let registry = strata_testkit::busybox_registry();
+    let (cluster, mut workers) = started_cluster(&["w1", "w2"]);
+    let ctx = slow_context(&registry, 3);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    // The worker that takes the slow stage (its second job overall) dies.
+    let mut victim = None;
+    cluster.wait_until("the slow stage starting", 60, |c| {
+        let (a, b) = (c.jobs_taken("w1"), c.jobs_taken("w2"));
+        let slow = a
+            .iter()
+            .chain(&b)
+            .max()
+            .copied()
+            .filter(|_| a.len() + b.len() >= 2);
+        victim = slow.map(|s| if a.contains(&s) { 0 } else { 1 });
+        victim.is_some()
+    });
+    let victim = victim.unwrap_or(0);
+    let _ = workers[victim].kill();
+    let _ = workers[victim].wait();
+    let (ok, text) = finish_build(child, &log, 120);
+    let survivor = ["w1", "w2"][1 - victim];
+    let taken_by_survivor = cluster.jobs_taken(survivor);
+    stop(workers);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("s")).unwrap_or_default(),
+        "slow\n"
+    );
+    let slow_job = [cluster.jobs_taken("w1"), cluster.jobs_taken("w2")]
+        .concat()
+        .into_iter()
+        .max();
+    assert!(
+        slow_job.is_some_and(|j| taken_by_survivor.contains(&j)),
+        "the slow stage ran again on {survivor}: {taken_by_survivor:?}"
+    );
+}
+
+#[test]
+fn a_worker_back_after_its_lease_expired_has_its_result_refused() {
+    let registry = strata_testkit::busybox_registry();
+    let (cluster, workers) = started_cluster(&["w1", "w2"]);
+    let ctx = slow_context(&registry, 2);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    let mut frozen = None;
+    cluster.wait_until("the slow stage starting", 60, |c| {
+        let (a, b) = (c.jobs_taken("w1"), c.jobs_taken("w2"));
+        let slow = a
+            .iter()
+            .chain(&b)
+            .max()
+            .copied()
+            .filter(|_| a.len() + b.len() >= 2);
+        frozen = slow.map(|s| if a.contains(&s) { 0 } else { 1 });
+        frozen.is_some()
+    });
+    // Freeze the worker past its lease: the stage runs elsewhere; then let it go on.
+    let frozen = frozen.unwrap_or(0);
+    let pid = workers[frozen].id().to_string();
+    let signal = |sig: &str| {
+        let _ = Command::new("kill").args([sig, &pid]).status();
+    };
+    signal("-STOP");
+    let (ok, text) = finish_build(child, &log, 120);
+    signal("-CONT");
+    let name = ["w1", "w2"][frozen];
+    cluster.wait_until("the late result being refused", 60, |c| {
+        c.log_of(name).contains("the leader refused the result")
+    });
+    stop(workers);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("s")).unwrap_or_default(),
+        "slow\n"
+    );
+}
+
+#[test]
+fn without_a_quorum_clients_get_a_clear_error_and_a_full_restart_resumes_the_queue() {
+    let registry = strata_testkit::busybox_registry();
+    let (mut cluster, workers) = started_cluster(&["w1"]);
+    // Two of three coordinators gone: no quorum.
+    let leader = cluster.leader_index();
+    cluster.kill(leader);
+    cluster.kill((leader + 1) % 3);
+    let ctx = slow_context(&registry, 1);
+    let (ok, text) = cluster.build(ctx.path(), &[]);
+    assert!(!ok);
+    assert!(text.contains("no quorum"), "{text}");
+
+    // A build in flight survives a full restart of the coordinators.
+    for i in 0..3 {
+        if cluster.children[i].is_none() {
+            cluster.start(i);
+        }
+    }
+    cluster.leader_seen_by(0);
+    let ctx = slow_context(&registry, 3);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    cluster.wait_until("the build starting", 60, |c| !c.jobs_taken("w1").is_empty());
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let (ok, text) = finish_build(child, &log, 120);
+    stop(workers);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("s")).unwrap_or_default(),
+        "slow\n"
     );
 }

@@ -927,6 +927,42 @@ async fn leader_loop(shared: Arc<Shared>) {
                 })
                 .await;
         }
+        // Workers silent for a whole lease are gone: their jobs go back to the queue and no
+        // new lease goes to them until they register again. A new leader first gives them
+        // a lease's time to find it.
+        if since.elapsed() > Duration::from_millis(lease_ms) {
+            let active = shared
+                .node
+                .query(|s| {
+                    s.workers()
+                        .filter(|w| w.state == state::WorkerState::Active)
+                        .map(|w| w.name.clone())
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            let silent: Vec<String> = {
+                let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+                active
+                    .into_iter()
+                    .filter(|name| {
+                        workers
+                            .get(name)
+                            .is_none_or(|l| l.last_seen.elapsed() > Duration::from_millis(lease_ms))
+                    })
+                    .collect()
+            };
+            for name in silent {
+                tracing::warn!(worker = %name, "worker silent for a lease; its jobs go back to the queue");
+                let _ = shared
+                    .submit(&state::Command::RemoveWorker {
+                        now_ms: now,
+                        name,
+                        mode: state::Removal::Gone,
+                    })
+                    .await;
+            }
+        }
         // Expire the leases of the silent, once a new leader has given them time to return.
         if since.elapsed() > Duration::from_millis(lease_ms)
             && let Some(cmd) = shared
