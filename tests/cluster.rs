@@ -722,3 +722,55 @@ fn without_a_quorum_clients_get_a_clear_error_and_a_full_restart_resumes_the_que
         "slow\n"
     );
 }
+
+#[test]
+fn a_leader_cut_off_mid_build_loses_its_place_and_no_job_completes_twice() {
+    let registry = strata_testkit::busybox_registry();
+    let (mut cluster, workers) = started_cluster(&["w1", "w2"]);
+    let ctx = slow_context(&registry, 3);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    cluster.wait_until("the slow stage starting", 60, |c| {
+        c.jobs_taken("w1").len() + c.jobs_taken("w2").len() >= 2
+    });
+    // Cut the leader off: frozen, it neither hears nor is heard (SIGSTOP), while the others
+    // elect a leader and the build goes on without it.
+    let leader = cluster.leader_index();
+    let pid = cluster.children[leader]
+        .as_ref()
+        .map(|c| c.id().to_string())
+        .unwrap_or_default();
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    cluster.wait_until("a new leader", 30, |c| {
+        c.status(others[0]).is_ok_and(|t| {
+            t.lines().next().is_some_and(|l| {
+                l.contains("leader: c") && !l.contains(&format!("leader: c{}=", leader + 1))
+            })
+        })
+    });
+    let (ok, text) = finish_build(child, &log, 120);
+    // Back on the network, the old leader follows the new one.
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    let new_leader = cluster.leader_seen_by(others[0]);
+    cluster.wait_until("the old leader following", 30, |c| {
+        c.leader_seen_by(leader) == new_leader
+    });
+    let taken: Vec<u64> = [cluster.jobs_taken("w1"), cluster.jobs_taken("w2")].concat();
+    let delivered = ["w1", "w2"]
+        .iter()
+        .map(|w| cluster.log_of(w).matches("result delivered").count())
+        .sum::<usize>();
+    stop(workers);
+    cluster.kill(leader);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert_eq!(
+        std::fs::read_to_string(out.join("s")).unwrap_or_default(),
+        "slow\n"
+    );
+    let mut unique = taken.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
+    assert_eq!(delivered, 3, "each of the three jobs completed once");
+}
