@@ -507,6 +507,23 @@ impl Cluster {
         (child, log)
     }
 
+    /// Waits for the slow stage (the build's second job) to start; the index of its worker.
+    fn worker_of_slow_stage(&self) -> usize {
+        let mut worker = None;
+        self.wait_until("the slow stage starting", 60, |c| {
+            let (a, b) = (c.jobs_taken("w1"), c.jobs_taken("w2"));
+            let slow = a
+                .iter()
+                .chain(&b)
+                .max()
+                .copied()
+                .filter(|_| a.len() + b.len() >= 2);
+            worker = slow.map(|s| if a.contains(&s) { 0 } else { 1 });
+            worker.is_some()
+        });
+        worker.unwrap_or(0)
+    }
+
     fn leader_index(&self) -> usize {
         let alive: Vec<usize> = (0..3).filter(|i| self.children[*i].is_some()).collect();
         index_of(&self.leader_seen_by(alive[0]))
@@ -609,19 +626,7 @@ fn a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_elsewhere() {
     let out = cluster.dir.path().join("out");
     let (child, log) = cluster.spawn_build(ctx.path(), &out);
     // The worker that takes the slow stage (its second job overall) dies.
-    let mut victim = None;
-    cluster.wait_until("the slow stage starting", 60, |c| {
-        let (a, b) = (c.jobs_taken("w1"), c.jobs_taken("w2"));
-        let slow = a
-            .iter()
-            .chain(&b)
-            .max()
-            .copied()
-            .filter(|_| a.len() + b.len() >= 2);
-        victim = slow.map(|s| if a.contains(&s) { 0 } else { 1 });
-        victim.is_some()
-    });
-    let victim = victim.unwrap_or(0);
+    let victim = cluster.worker_of_slow_stage();
     let _ = workers[victim].kill();
     let _ = workers[victim].wait();
     let (ok, text) = finish_build(child, &log, 120);
@@ -650,20 +655,8 @@ fn a_worker_back_after_its_lease_expired_has_its_result_refused() {
     let ctx = slow_context(&registry, 2);
     let out = cluster.dir.path().join("out");
     let (child, log) = cluster.spawn_build(ctx.path(), &out);
-    let mut frozen = None;
-    cluster.wait_until("the slow stage starting", 60, |c| {
-        let (a, b) = (c.jobs_taken("w1"), c.jobs_taken("w2"));
-        let slow = a
-            .iter()
-            .chain(&b)
-            .max()
-            .copied()
-            .filter(|_| a.len() + b.len() >= 2);
-        frozen = slow.map(|s| if a.contains(&s) { 0 } else { 1 });
-        frozen.is_some()
-    });
     // Freeze the worker past its lease: the stage runs elsewhere; then let it go on.
-    let frozen = frozen.unwrap_or(0);
+    let frozen = cluster.worker_of_slow_stage();
     let pid = workers[frozen].id().to_string();
     let signal = |sig: &str| {
         let _ = Command::new("kill").args([sig, &pid]).status();
