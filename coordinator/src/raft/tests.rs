@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use raft::Storage as _;
 use redb::ReadableDatabase;
@@ -602,66 +601,4 @@ fn a_node_of_another_id_or_a_bad_bootstrap_is_refused() {
         ),
         Err(RaftError::Config(_))
     ));
-}
-
-/// Commit latency of a three-node cluster with every store on disk (each commit: the
-/// leader's fsync, the followers' fsyncs, the leader's apply). Not a pass/fail test:
-/// `cargo test -p strata-coordinator --release -- --ignored --nocapture raft_commit_latency`.
-/// Stores go under `$STRATA_BENCH_DIR` (default `/var/tmp`; `/tmp` may be a tmpfs).
-#[test]
-#[ignore]
-fn raft_commit_latency_three_nodes_on_disk() {
-    let base = std::env::var("STRATA_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".to_string());
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let mut c = cluster(dir.path(), 3, config());
-    let leader = c.wait_for_leader(ELECTION).unwrap();
-
-    let n = 200;
-    let mut latencies = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        let id = c.propose(leader, format!("seq-{i}")).unwrap();
-        c.settle();
-        assert!(
-            c.response(leader, id).is_some(),
-            "committed within one settle"
-        );
-        latencies.push(t.elapsed());
-    }
-    let sequential = start.elapsed();
-    let writes: u64 = c
-        .ids()
-        .iter()
-        .map(|&id| c.node(id).stats().ready_writes)
-        .sum();
-    latencies.sort();
-    let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
-
-    let batches = 20;
-    let batch = 50;
-    let start = Instant::now();
-    for b in 0..batches {
-        let ids: Vec<_> = (0..batch)
-            .map(|i| c.propose(leader, format!("batch-{b}-{i}")).unwrap())
-            .collect();
-        c.settle();
-        assert!(ids.iter().all(|id| c.response(leader, *id).is_some()));
-    }
-    let batched = start.elapsed();
-    let per_sec = |count: usize, d: Duration| count as f64 / d.as_secs_f64();
-    println!(
-        "raft 3 nodes on disk ({}): sequential {n} commits in {:.2?}: p50 {:.2?}, p90 {:.2?}, p99 {:.2?}, max {:.2?} ({:.0}/s); \
-         batched {batches}x{batch} in {:.2?} ({:.0}/s); {:.1} fsync'd Ready writes per sequential commit (all nodes)",
-        dir.path().display(),
-        sequential,
-        pct(50),
-        pct(90),
-        pct(99),
-        latencies[latencies.len() - 1],
-        per_sec(n, sequential),
-        batched,
-        per_sec(batches * batch, batched),
-        writes as f64 / n as f64,
-    );
 }
