@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use strata_coordinator::config::CoordinatorConfig;
-use strata_coordinator::init::{InitPlan, init};
+use strata_coordinator::init::{InitPlan, init, init_join};
 use strata_coordinator::server::ClusterBuildRequest;
 use strata_coordinator::state::TargetOutput;
 use strata_shared::job::StageOutput;
@@ -17,8 +17,8 @@ use strata_shared::progress::{Event, Progress};
 use strata_shared::store::BlobStore;
 use strata_shared::tls::{self, Identity, Role};
 use strata_shared::wire::{
-    self, ClientMsg, CoordinatorToClient, Hello, Outcome, StatusReply, StatusRequest, SubmitBuild,
-    WatchBuild,
+    self, ClientMsg, CoordinatorToClient, Hello, MembershipRequest, Outcome, StatusReply,
+    StatusRequest, SubmitBuild, WatchBuild,
 };
 use strata_worker::context::upload;
 use strata_worker::copy::DockerIgnore;
@@ -38,6 +38,48 @@ pub struct CoordinatorArgs {
 enum CoordinatorCommand {
     /// Write a development cluster's certificates and configuration files.
     Init(InitArgs),
+    /// Prepare one more coordinator for a development cluster written by `init`: a
+    /// certificate and a configuration that joins the running cluster.
+    InitJoin(InitJoinArgs),
+    /// Add a coordinator (running with `join = true`) to the cluster: a learner until it has
+    /// caught up, then a voter.
+    Add(AddArgs),
+    /// Remove a coordinator from the cluster; it stops, and its id is never used again.
+    Remove(RemoveArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitJoinArgs {
+    /// The directory `init` wrote.
+    #[arg(long)]
+    out: PathBuf,
+    /// The new coordinator's address.
+    #[arg(long)]
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+struct AddArgs {
+    /// The new coordinator's Raft id (unique, never used before).
+    #[arg(long)]
+    id: u64,
+    /// The name in its certificate.
+    #[arg(long)]
+    name: String,
+    /// Its QUIC address.
+    #[arg(long)]
+    addr: SocketAddr,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct RemoveArgs {
+    /// The Raft id of the coordinator to remove.
+    #[arg(long)]
+    id: u64,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +156,32 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             println!("shared store: {}", report.store.display());
             Ok(())
         }
+        (Some(CoordinatorCommand::InitJoin(a)), _) => {
+            let r = init_join(&a.out, a.listen)?;
+            println!(
+                "coordinator {} ({}) at {}: strata coordinator --config {}",
+                r.id,
+                r.name,
+                r.addr,
+                r.config.display()
+            );
+            println!(
+                "then, with a client certificate: strata coordinator add --id {} --name {} --addr {}",
+                r.id, r.name, r.addr
+            );
+            Ok(())
+        }
+        (Some(CoordinatorCommand::Add(a)), _) => {
+            let request = MembershipRequest::Add {
+                id: a.id,
+                name: a.name.clone(),
+                addr: a.addr.to_string(),
+            };
+            change_membership(&a.client, request)
+        }
+        (Some(CoordinatorCommand::Remove(a)), _) => {
+            change_membership(&a.client, MembershipRequest::Remove { id: a.id })
+        }
         (None, Some(path)) => {
             let config = CoordinatorConfig::load(&path)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -126,6 +194,26 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         (None, None) => {
             bail!("give --config FILE to run a coordinator, or `init` to write a cluster's files")
         }
+    }
+}
+
+/// `strata coordinator add` / `remove`: asks the leader and prints the group once the change
+/// is committed.
+fn change_membership(args: &ClientArgs, request: MembershipRequest) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let access = ClusterAccess::from(args);
+    let msg = ClientMsg::Membership(request);
+    match runtime.block_on(ask_leader(&access, &msg, "membership change"))? {
+        (_, CoordinatorToClient::Membership(m)) => {
+            println!("{}", m.message);
+            println!("voters: {:?}; learners: {:?}", m.voters, m.learners);
+            Ok(())
+        }
+        (addr, CoordinatorToClient::Error(e)) => bail!("{addr}: {}", e.message),
+        (addr, other) => bail!("{addr}: unexpected answer to a membership change: {other:?}"),
     }
 }
 
@@ -273,6 +361,50 @@ pub fn status(args: StatusArgs) -> Result<()> {
 /// How long a build request waits for a leader before the client gives up.
 const SUBMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Sends `msg` to the leader, following redirects and waiting out an election for
+/// [`SUBMIT_PATIENCE`]: the first answer that is neither "not the leader" nor "no quorum".
+async fn ask_leader(
+    access: &ClusterAccess,
+    msg: &ClientMsg,
+    what: &str,
+) -> Result<(SocketAddr, CoordinatorToClient)> {
+    let deadline = std::time::Instant::now() + SUBMIT_PATIENCE;
+    loop {
+        let answer = async {
+            let (conn, addr) = connect(access).await?;
+            let reply = wire::request::<CoordinatorToClient>(&conn, msg).await?;
+            Ok::<_, anyhow::Error>((addr, reply))
+        }
+        .await;
+        let why = match answer {
+            Ok((addr, CoordinatorToClient::NotLeader(n))) => format!(
+                "{addr} is not the leader and knows none{}",
+                n.leader
+                    .map(|l| format!(" (it named {l})"))
+                    .unwrap_or_default()
+            ),
+            Ok((addr, CoordinatorToClient::NoQuorum)) => {
+                format!("{addr} could not commit the {what}")
+            }
+            Ok(answer) => return Ok(answer),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            let asked: Vec<String> = access
+                .coordinators
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            bail!(
+                "no quorum: no coordinator leads the cluster after {}s (asked {}); last answer: {why}",
+                SUBMIT_PATIENCE.as_secs(),
+                asked.join(", ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 /// Runs a build on a cluster: uploads the context (only the files the store lacks), submits
 /// the request to the leader, prints its progress, and returns each platform's image once the
 /// build is done. A leader change on the way is survived: the client reconnects to whichever
@@ -301,45 +433,11 @@ pub async fn build_on_cluster(
     let body = serde_json::to_vec(&request)?;
 
     // Submit to the leader; a cluster without one is waited for a while, then reported.
-    let deadline = std::time::Instant::now() + SUBMIT_PATIENCE;
-    let build_id = loop {
-        let answer = async {
-            let (conn, addr) = connect(access).await?;
-            let msg = ClientMsg::Submit(SubmitBuild {
-                request_json: body.clone(),
-            });
-            let reply = wire::request::<CoordinatorToClient>(&conn, &msg).await?;
-            Ok::<_, anyhow::Error>((addr, reply))
-        }
-        .await;
-        let why = match answer {
-            Ok((_, CoordinatorToClient::Accepted(a))) => break a.build_id,
-            Ok((_, CoordinatorToClient::Error(e))) => bail!("{}", e.message),
-            Ok((addr, CoordinatorToClient::NotLeader(n))) => format!(
-                "{addr} is not the leader and knows none{}",
-                n.leader
-                    .map(|l| format!(" (it named {l})"))
-                    .unwrap_or_default()
-            ),
-            Ok((addr, CoordinatorToClient::NoQuorum)) => {
-                format!("{addr} could not commit the build")
-            }
-            Ok((addr, other)) => bail!("{addr}: unexpected answer to a build request: {other:?}"),
-            Err(e) => e.to_string(),
-        };
-        if std::time::Instant::now() >= deadline {
-            let asked: Vec<String> = access
-                .coordinators
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            bail!(
-                "no quorum: no coordinator leads the cluster after {}s (asked {}); last answer: {why}",
-                SUBMIT_PATIENCE.as_secs(),
-                asked.join(", ")
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let msg = ClientMsg::Submit(SubmitBuild { request_json: body });
+    let build_id = match ask_leader(access, &msg, "build").await? {
+        (_, CoordinatorToClient::Accepted(a)) => a.build_id,
+        (_, CoordinatorToClient::Error(e)) => bail!("{}", e.message),
+        (addr, other) => bail!("{addr}: unexpected answer to a build request: {other:?}"),
     };
     progress.send(Event::Note {
         text: format!("build {build_id} accepted by the cluster"),

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 
-/// Three coordinators' files and processes; every process is killed on drop.
+/// Three coordinators' files and processes (and room for a fourth that joins later); every
+/// process is killed on drop.
 struct Cluster {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     children: Vec<Option<Child>>,
 }
 
-/// Three consecutive free UDP ports on 127.0.0.1.
+/// Four consecutive free UDP ports on 127.0.0.1: three coordinators and one that joins.
 fn free_ports() -> Vec<u16> {
     for _ in 0..200 {
         let probe = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -25,14 +26,14 @@ fn free_ports() -> Vec<u16> {
         if base > 65000 {
             continue;
         }
-        let held: Vec<_> = (0..3)
+        let held: Vec<_> = (0..4)
             .filter_map(|i| UdpSocket::bind(("127.0.0.1", base + i)).ok())
             .collect();
-        if held.len() == 3 {
-            return (0..3).map(|i| base + i).collect();
+        if held.len() == 4 {
+            return (0..4).map(|i| base + i).collect();
         }
     }
-    panic!("no three consecutive free UDP ports on 127.0.0.1");
+    panic!("no four consecutive free UDP ports on 127.0.0.1");
 }
 
 impl Cluster {
@@ -53,7 +54,7 @@ impl Cluster {
         Cluster {
             dir,
             ports,
-            children: vec![None, None, None],
+            children: vec![None, None, None, None],
         }
     }
 
@@ -141,7 +142,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        ["c1", "c2", "c3", "w1", "w2"]
+        ["c1", "c2", "c3", "c4", "w1", "w2"]
             .iter()
             .map(|i| {
                 let p = self.dir.path().join(format!("{i}.log"));
@@ -159,7 +160,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for i in 0..3 {
+        for i in 0..self.children.len() {
             self.kill(i);
         }
     }
@@ -766,4 +767,157 @@ fn a_leader_cut_off_mid_build_loses_its_place_and_no_job_completes_twice() {
     unique.dedup();
     assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
     assert_eq!(delivered, 3, "each of the three jobs completed once");
+}
+
+/// Membership changes from the command line.
+impl Cluster {
+    /// `strata coordinator <args>` as a client of every running node; (success, stdout+stderr).
+    fn coordinator_cmd(&self, args: &[&str], certificate: bool) -> (bool, String) {
+        let coordinators: Vec<String> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.children[*i].is_some())
+            .map(|(_, p)| format!("127.0.0.1:{p}"))
+            .collect();
+        let pki = self.dir.path().join("pki");
+        let mut cmd = Command::new(STRATA);
+        cmd.arg("coordinator")
+            .args(args)
+            .args(["--coordinator", &coordinators.join(",")])
+            .arg("--ca")
+            .arg(pki.join("ca.crt"));
+        if certificate {
+            cmd.arg("--cert")
+                .arg(pki.join("client-client1.crt"))
+                .arg("--key")
+                .arg(pki.join("client-client1.key"));
+        } else {
+            cmd.args(["--token", &self.token()]);
+        }
+        let out = cmd.output().expect("strata coordinator");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// The coordinators `strata status` lists when asked at node `i`: (id, state) pairs.
+    fn members_seen_by(&self, i: usize) -> Vec<(u64, String)> {
+        let text = self.status(i).unwrap_or_default();
+        text.lines()
+            .skip_while(|l| *l != "coordinators:")
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.parse().ok()?, f.get(3)?.to_string()))
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn coordinators_are_added_and_removed_through_raft() {
+    let mut cluster = Cluster::init();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let leader = cluster.leader_seen_by(0);
+
+    // A fourth coordinator: a certificate from the cluster CA and a joining configuration.
+    let c4_addr = format!("127.0.0.1:{}", cluster.ports[3]);
+    let out = Command::new(STRATA)
+        .args(["coordinator", "init-join", "--out"])
+        .arg(cluster.dir.path())
+        .args(["--listen", &c4_addr])
+        .output()
+        .expect("strata coordinator init-join");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains("coordinator 4 (c4)"),
+        "{printed}"
+    );
+    cluster.start(3);
+
+    // A token only builds; membership needs a client certificate.
+    let add = ["add", "--id", "4", "--name", "c4", "--addr", &c4_addr];
+    let (ok, text) = cluster.coordinator_cmd(&add, false);
+    assert!(!ok && text.contains("need a client certificate"), "{text}");
+
+    // Added: a learner that catches up, then a voter every node counts.
+    let (ok, text) = cluster.coordinator_cmd(&add, true);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert!(
+        text.contains("added as a voter") && text.contains("voters: [1, 2, 3, 4]"),
+        "{text}"
+    );
+    cluster.wait_until("c4 following the leader", 30, |c| {
+        c.leader_seen_by(3) == leader && c.members_seen_by(3).len() == 4
+    });
+    let ids: Vec<u64> = cluster
+        .members_seen_by(0)
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+
+    // The leader removed: it hands leadership over and its process stops by itself.
+    let old = index_of(&leader);
+    let id = (old + 1).to_string();
+    let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", &id], true);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert!(text.contains("3 voters remain"), "{text}");
+    let mut removed = cluster.children[old].take().expect("the old leader runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(status)) = removed.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed coordinator did not stop:\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "it stops cleanly: {status}");
+    assert!(
+        cluster
+            .log_of(&leader)
+            .contains("removed from the cluster; stopping")
+    );
+
+    // The three left elect a leader among themselves and list only themselves.
+    let survivor = (0..4).find(|i| *i != old).unwrap_or(3);
+    cluster.wait_until("a new leader among the three left", 30, |c| {
+        c.leader_seen_by(survivor) != leader
+    });
+    let mut left: Vec<u64> = (1..=4).filter(|n| *n != old as u64 + 1).collect();
+    left.sort_unstable();
+    cluster.wait_until("the group of three", 30, |c| {
+        c.members_seen_by(survivor)
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>()
+            == left
+    });
+
+    // A removed id is never used again.
+    let old_addr = format!("127.0.0.1:{}", cluster.ports[old]);
+    let again = ["add", "--id", &id, "--name", &leader, "--addr", &old_addr];
+    let (ok, text) = cluster.coordinator_cmd(&again, true);
+    assert!(!ok && text.contains("ids are never reused"), "{text}");
+
+    // The added node restarts from its own store and follows the current leader.
+    let current = cluster.leader_seen_by(survivor);
+    cluster.kill(3);
+    cluster.start(3);
+    cluster.wait_until("c4 back after a restart", 30, |c| {
+        c.leader_seen_by(3) == current
+    });
 }

@@ -25,8 +25,14 @@ pub struct CoordinatorConfig {
     pub store: PathBuf,
     pub tls: TlsConfig,
     /// The cluster's coordinators when it is first started (this node among them). Later
-    /// membership changes go through Raft; this list only bootstraps an empty data directory.
+    /// membership changes go through Raft; this list only bootstraps an empty data directory
+    /// and tells where the initial coordinators are.
     pub peers: Vec<Peer>,
+    /// Join a running cluster instead of starting a new one: the node starts with an empty
+    /// group and waits for `strata coordinator add`. `peers` then lists the running cluster's
+    /// coordinators (at least one) and this node. Ignored once the data directory holds state.
+    #[serde(default)]
+    pub join: bool,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
@@ -168,7 +174,19 @@ impl CoordinatorConfig {
         if ids.len() != self.peers.len() || ids.contains(&0) {
             return Err("peer ids must be distinct and not 0".into());
         }
-        if ![1, 3, 5].contains(&self.peers.len()) {
+        let names: std::collections::BTreeSet<&str> =
+            self.peers.iter().map(|p| p.name.as_str()).collect();
+        if names.len() != self.peers.len() {
+            return Err("peer names must be distinct".into());
+        }
+        if self.join {
+            if self.peers.len() < 2 {
+                return Err(
+                    "join = true needs peers listing this node and a coordinator of the running cluster"
+                        .into(),
+                );
+            }
+        } else if ![1, 3, 5].contains(&self.peers.len()) {
             return Err(format!(
                 "a cluster has 1, 3 or 5 coordinators, not {}",
                 self.peers.len()
@@ -221,5 +239,27 @@ mod tests {
         let bad = format!("{}\n[scheduler]\nemulation = \"sometimes\"\n", example());
         let err = CoordinatorConfig::parse(&bad, Path::new("/")).unwrap_err();
         assert!(err.contains("expected allow or deny"), "{err}");
+    }
+
+    #[test]
+    fn a_joining_node_lists_itself_and_the_running_cluster() {
+        let four = example()
+            .replace("node_id = 1", "node_id = 4\njoin = true")
+            .replacen("name = \"c1\"", "name = \"c4\"", 1)
+            + "\n[[peers]]\nid = 4\nname = \"c4\"\naddr = \"127.0.0.1:7104\"\n";
+        let c = CoordinatorConfig::parse(&four, Path::new("/")).unwrap();
+        assert!(c.join);
+        assert_eq!(c.peers.len(), 4);
+        let err =
+            CoordinatorConfig::parse(&four.replace("join = true", ""), Path::new("/")).unwrap_err();
+        assert!(err.contains("1, 3 or 5"), "{err}");
+        let alone = example().replace("node_id = 1", "node_id = 1\njoin = true");
+        let alone = alone
+            .split("[[peers]]")
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("[[peers]]");
+        let err = CoordinatorConfig::parse(&alone, Path::new("/")).unwrap_err();
+        assert!(err.contains("join = true needs peers"), "{err}");
     }
 }

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use strata_shared::tls::{TlsError, generate_token, write_dev_pki};
+use strata_shared::tls::{ClusterCa, Role, TlsError, generate_token, write_dev_pki};
+
+use crate::config::{CoordinatorConfig, Peer};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -62,6 +64,118 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), InitError> {
     f.write_all(text.as_bytes()).map_err(io)
 }
 
+/// Writes `coordinator-<name>.toml` for `me`, naming `peers`.
+fn write_coordinator_config(
+    out: &Path,
+    me: &Peer,
+    peers: &[Peer],
+    join: bool,
+) -> Result<PathBuf, InitError> {
+    let name = &me.name;
+    let mut text = format!(
+        "# Written by `strata coordinator init`; see deploy/coordinator.toml for every key.\n\
+         node_id = {id}\nname = \"{name}\"\nlisten = \"{addr}\"\ndata_dir = \"data/{name}\"\n\
+         store = \"store\"\n",
+        id = me.id,
+        addr = me.addr,
+    );
+    if join {
+        text.push_str("# Joins the running cluster: `strata coordinator add` makes it a member.\njoin = true\n");
+    }
+    let _ = write!(
+        text,
+        "\n[tls]\nca = \"pki/ca.crt\"\ncert = \"pki/coordinator-{name}.crt\"\n\
+         key = \"pki/coordinator-{name}.key\"\nclient_tokens = \"pki/client-tokens\"\n"
+    );
+    for p in peers {
+        let _ = write!(
+            text,
+            "\n[[peers]]\nid = {}\nname = \"{}\"\naddr = \"{}\"\n",
+            p.id, p.name, p.addr
+        );
+    }
+    let path = out.join(format!("coordinator-{name}.toml"));
+    write(&path, &text, false)?;
+    Ok(path)
+}
+
+/// What [`init_join`] wrote.
+#[derive(Debug, Clone)]
+pub struct JoinReport {
+    pub id: u64,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+}
+
+/// Prepares one more coordinator for a development cluster written by [`init`] into `out`:
+/// the next free id and name `c<id>`, a certificate from the cluster CA kept in `out/pki`,
+/// and `coordinator-c<id>.toml` with `join = true` listing the coordinators already
+/// configured there. `strata coordinator add` then makes it a member.
+pub fn init_join(out: &Path, listen: SocketAddr) -> Result<JoinReport, InitError> {
+    let mut known: Vec<Peer> = Vec::new();
+    let entries = std::fs::read_dir(out).map_err(|source| InitError::Io {
+        path: out.display().to_string(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let file = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !(file.starts_with("coordinator-") && file.ends_with(".toml")) {
+            continue;
+        }
+        let config =
+            CoordinatorConfig::load(&path).map_err(|e| InitError::Invalid(e.to_string()))?;
+        for p in config.peers {
+            if !known.iter().any(|k| k.id == p.id) {
+                known.push(p);
+            }
+        }
+    }
+    if known.is_empty() {
+        return Err(InitError::Invalid(format!(
+            "{} holds no coordinator-*.toml: run `strata coordinator init --out {}` first",
+            out.display(),
+            out.display()
+        )));
+    }
+    if let Some(p) = known.iter().find(|p| p.addr == listen) {
+        return Err(InitError::Invalid(format!(
+            "{listen} is already the address of coordinator {} ({})",
+            p.id, p.name
+        )));
+    }
+    known.sort_by_key(|p| p.id);
+    let id = known.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+    let me = Peer {
+        id,
+        name: format!("c{id}"),
+        addr: listen,
+    };
+    let pki = out.join("pki");
+    let read = |name: &str| {
+        let path = pki.join(name);
+        std::fs::read_to_string(&path).map_err(|source| InitError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let ca = ClusterCa::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+    ca.issue(Role::Coordinator, &me.name, &[listen.ip().to_string()])?
+        .save(&pki)?;
+    known.push(me.clone());
+    let config = write_coordinator_config(out, &me, &known, true)?;
+    Ok(JoinReport {
+        id,
+        name: me.name,
+        addr: listen,
+        config,
+    })
+}
+
 /// Writes everything into `out` (created if needed).
 pub fn init(out: &Path, plan: &InitPlan) -> Result<InitReport, InitError> {
     if ![1, 3, 5].contains(&plan.coordinators) {
@@ -99,26 +213,19 @@ pub fn init(out: &Path, plan: &InitPlan) -> Result<InitReport, InitError> {
         source,
     })?;
 
-    let mut peers = String::new();
-    for (i, (name, addr)) in coordinators.iter().enumerate() {
-        let _ = write!(
-            peers,
-            "\n[[peers]]\nid = {}\nname = \"{name}\"\naddr = \"{addr}\"\n",
-            i + 1
-        );
-    }
+    let peers: Vec<Peer> = coordinators
+        .iter()
+        .zip(&addresses)
+        .enumerate()
+        .map(|(i, ((name, _), addr))| Peer {
+            id: i as u64 + 1,
+            name: name.clone(),
+            addr: *addr,
+        })
+        .collect();
     let mut configs = Vec::new();
-    for (i, (name, addr)) in coordinators.iter().enumerate() {
-        let text = format!(
-            "# Written by `strata coordinator init`; see deploy/coordinator.toml for every key.\n\
-             node_id = {id}\nname = \"{name}\"\nlisten = \"{addr}\"\ndata_dir = \"data/{name}\"\n\
-             store = \"store\"\n\n[tls]\nca = \"pki/ca.crt\"\ncert = \"pki/coordinator-{name}.crt\"\n\
-             key = \"pki/coordinator-{name}.key\"\nclient_tokens = \"pki/client-tokens\"\n{peers}",
-            id = i + 1
-        );
-        let path = out.join(format!("coordinator-{name}.toml"));
-        write(&path, &text, false)?;
-        configs.push(path);
+    for me in &peers {
+        configs.push(write_coordinator_config(out, me, &peers, false)?);
     }
     let coordinator_list = addresses
         .iter()
@@ -185,5 +292,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("1, 3 or 5"), "{err}");
+    }
+
+    #[test]
+    fn a_joining_coordinator_gets_the_next_id_a_certificate_and_the_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = InitPlan {
+            coordinators: 3,
+            first_addr: "127.0.0.1:7400".parse().unwrap(),
+            workers: 1,
+            clients: 0,
+        };
+        init(dir.path(), &plan).unwrap();
+        let report = init_join(dir.path(), "127.0.0.1:7404".parse().unwrap()).unwrap();
+        assert_eq!((report.id, report.name.as_str()), (4, "c4"));
+        let c4 = CoordinatorConfig::load(&report.config).unwrap();
+        assert!(c4.join);
+        assert_eq!(
+            c4.peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        let identity = strata_shared::tls::Identity::load(&c4.tls.cert, &c4.tls.key).unwrap();
+        assert_eq!(identity.peer().unwrap().name, "c4");
+        // The next one counts c4 too; an address in use is refused.
+        let c5 = init_join(dir.path(), "127.0.0.1:7405".parse().unwrap()).unwrap();
+        assert_eq!(c5.id, 5);
+        let err = init_join(dir.path(), "127.0.0.1:7401".parse().unwrap()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already the address of coordinator 2"),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let err = init_join(empty.path(), "127.0.0.1:7401".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("no coordinator-*.toml"), "{err}");
     }
 }

@@ -465,6 +465,14 @@ impl<S: StateMachine> RaftNode<S> {
         self.raw.raft.prs().conf().to_conf_state()
     }
 
+    /// On the leader: the highest log index known to be replicated on `peer`.
+    pub fn matched(&self, peer: u64) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().get(peer).map(|p| p.matched)
+    }
+
     /// True once this node applied a membership change removing it; the caller should stop it.
     pub fn is_removed(&self) -> bool {
         self.removed

@@ -108,6 +108,13 @@ pub enum Command {
     },
     /// Forgets finished builds and their jobs (retention is the leader's policy).
     RetireBuilds { builds: Vec<BuildId> },
+    /// Records a coordinator's name and address, before the membership change that adds it:
+    /// every node learns where to reach it, and a node restored from a snapshot still knows.
+    /// Refused for a retired id or a name another coordinator uses.
+    SetCoordinator { id: u64, name: String, addr: String },
+    /// Marks a coordinator removed from the group (an initial one or one added later): its id
+    /// is never used again.
+    RetireCoordinator { id: u64, name: String, addr: String },
     /// Several commands in one log entry, applied in order, each on its own (one refused does
     /// not undo the others). Batches do not nest.
     Batch { commands: Vec<Command> },
@@ -409,6 +416,8 @@ impl Command {
             Command::Unplaceable { .. } => "unplaceable",
             Command::RecordCache { .. } => "record_cache",
             Command::RetireBuilds { .. } => "retire_builds",
+            Command::SetCoordinator { .. } => "set_coordinator",
+            Command::RetireCoordinator { .. } => "retire_coordinator",
             Command::Batch { .. } => "batch",
         }
     }
@@ -427,7 +436,10 @@ impl Command {
             | Command::ExpireLeases { now_ms, .. }
             | Command::Unplaceable { now_ms, .. }
             | Command::RecordCache { now_ms, .. } => Some(*now_ms),
-            Command::RetireBuilds { .. } | Command::Batch { .. } => None,
+            Command::RetireBuilds { .. }
+            | Command::SetCoordinator { .. }
+            | Command::RetireCoordinator { .. }
+            | Command::Batch { .. } => None,
         }
     }
 }
@@ -494,6 +506,12 @@ pub enum Response {
     Retired {
         builds: Vec<BuildId>,
         rejected: Vec<Rejection>,
+    },
+    CoordinatorSet {
+        id: u64,
+    },
+    CoordinatorRetired {
+        id: u64,
     },
     Batch {
         responses: Vec<Response>,
@@ -589,6 +607,8 @@ pub enum Rejection {
     },
     #[error("invalid worker {worker:?}: {reason}")]
     InvalidWorker { worker: String, reason: String },
+    #[error("coordinator {id}: {reason}")]
+    InvalidCoordinator { id: u64, reason: String },
 }
 
 fn current_lease(current: &Option<LeaseToken>, state: &str) -> String {

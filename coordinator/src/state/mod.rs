@@ -266,6 +266,17 @@ impl WorkerState {
     }
 }
 
+/// A coordinator added at run time: where to reach it, and whether it has been removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorRecord {
+    /// The name in its certificate.
+    pub name: String,
+    /// `ip:port` of its QUIC endpoint.
+    pub addr: String,
+    /// Removed from the group; the id is never used again.
+    pub retired: bool,
+}
+
 /// The layers recorded under a cache key and the workers holding them locally.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheIndexEntry {
@@ -307,6 +318,10 @@ pub struct StateMachine {
     jobs: BTreeMap<JobId, Job>,
     workers: BTreeMap<String, Worker>,
     cache: BTreeMap<String, CacheIndexEntry>,
+    /// The coordinators added or removed at run time, by Raft id (the initial ones are in
+    /// every node's configuration).
+    #[serde(default)]
+    coordinators: BTreeMap<u64, CoordinatorRecord>,
     /// Derived from `jobs`; rebuilt on restore, never serialized.
     #[serde(skip)]
     index: Index,
@@ -550,6 +565,10 @@ impl StateMachine {
                 dropped,
             } => self.record_cache(now_ms, entries, dropped),
             Command::RetireBuilds { builds } => self.retire(builds),
+            Command::SetCoordinator { id, name, addr } => self.set_coordinator(id, name, addr),
+            Command::RetireCoordinator { id, name, addr } => {
+                self.retire_coordinator(id, name, addr)
+            }
             Command::Batch { commands } => {
                 if !top {
                     return Response::Rejected {
@@ -1266,7 +1285,57 @@ impl StateMachine {
         }
     }
 
+    // ---- coordinators ----
+
+    fn set_coordinator(&mut self, id: u64, name: String, addr: String) -> Response {
+        let invalid = |reason: String| rejected(Rejection::InvalidCoordinator { id, reason });
+        if id == 0 {
+            return invalid("id 0 is reserved".into());
+        }
+        if name.is_empty() || addr.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(format!(
+                "needs a name and an ip:port address, not {name:?} at {addr:?}"
+            ));
+        }
+        if self.coordinators.get(&id).is_some_and(|c| c.retired) {
+            return invalid("was removed from the cluster; ids are never reused".into());
+        }
+        if let Some((other, _)) = self
+            .coordinators
+            .iter()
+            .find(|(other, c)| **other != id && !c.retired && c.name == name)
+        {
+            return invalid(format!("the name {name:?} belongs to coordinator {other}"));
+        }
+        self.coordinators.insert(
+            id,
+            CoordinatorRecord {
+                name,
+                addr,
+                retired: false,
+            },
+        );
+        Response::CoordinatorSet { id }
+    }
+
+    fn retire_coordinator(&mut self, id: u64, name: String, addr: String) -> Response {
+        self.coordinators.insert(
+            id,
+            CoordinatorRecord {
+                name,
+                addr,
+                retired: true,
+            },
+        );
+        Response::CoordinatorRetired { id }
+    }
+
     // ---- read access ----
+
+    /// The coordinators recorded at run time (added, and removed ones marked retired).
+    pub fn coordinators(&self) -> &BTreeMap<u64, CoordinatorRecord> {
+        &self.coordinators
+    }
 
     pub fn build(&self, id: BuildId) -> Option<&Build> {
         self.builds.get(&id)

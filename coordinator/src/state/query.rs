@@ -246,19 +246,38 @@ impl StateMachine {
     /// `GrantLeases` command (leases of `lease_ms`) and an `Unplaceable` command for jobs no
     /// worker can run, batched when both are present. `None` when there is nothing to do.
     pub fn schedule_round(&self, term: u64, now_ms: u64, lease_ms: u64) -> Option<Command> {
+        self.schedule_round_among(term, now_ms, lease_ms, |_| true)
+    }
+
+    /// [`Self::schedule_round`] with leases granted only to the workers `reachable` accepts
+    /// (those connected to this leader). A job is still unplaceable only when no registered
+    /// worker at all could run it: one that is reconnecting keeps its jobs waiting.
+    pub fn schedule_round_among(
+        &self,
+        term: u64,
+        now_ms: u64,
+        lease_ms: u64,
+        reachable: impl Fn(&str) -> bool,
+    ) -> Option<Command> {
         let ready = self.ready_jobs();
         if ready.is_empty() {
             return None;
         }
         let views = self.worker_views(&ready);
-        let decided = scheduler::schedule(&ready, &views);
+        let unplaceable = scheduler::schedule(&ready, &views).unplaceable;
+        let hopeless: BTreeSet<JobId> = unplaceable.iter().map(|u| u.job).collect();
+        let ready: Vec<ReadyJob> = ready
+            .into_iter()
+            .filter(|r| !hopeless.contains(&r.job))
+            .collect();
+        let views: Vec<WorkerView> = views.into_iter().filter(|v| reachable(&v.name)).collect();
+        let assignments = scheduler::schedule(&ready, &views).assignments;
         let mut commands = Vec::new();
-        if !decided.assignments.is_empty() {
+        if !assignments.is_empty() {
             commands.push(Command::GrantLeases {
                 now_ms,
                 term,
-                grants: decided
-                    .assignments
+                grants: assignments
                     .into_iter()
                     .map(|a| Grant {
                         job: a.job,
@@ -268,11 +287,10 @@ impl StateMachine {
                     .collect(),
             });
         }
-        if !decided.unplaceable.is_empty() {
+        if !unplaceable.is_empty() {
             commands.push(Command::Unplaceable {
                 now_ms,
-                jobs: decided
-                    .unplaceable
+                jobs: unplaceable
                     .into_iter()
                     .map(|u| UnplaceableJob {
                         job: u.job,

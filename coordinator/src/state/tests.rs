@@ -1086,6 +1086,93 @@ fn a_job_no_worker_can_run_fails_its_build_naming_platform_and_workers() {
 }
 
 #[test]
+fn leases_go_only_to_reachable_workers_and_the_rest_wait_for_them() {
+    let mut c = Cluster::new();
+    c.register("x86", &["linux/amd64"], &[], 2);
+    c.register("arm", &["linux/arm64"], &[], 2);
+    let pl = plan(
+        vec![
+            inst(0, "native", "linux/amd64", &[]),
+            inst(1, "arm", "linux/arm64", &[]),
+        ],
+        &[("linux/amd64", 0), ("linux/arm64", 1)],
+    );
+    let (build, jobs) = c.submit(pl);
+    // The arm64 worker has not reconnected: its job waits rather than failing the build.
+    let cmd =
+        c.sm.schedule_round_among(1, 0, 1_000, |w| w == "x86")
+            .unwrap();
+    let Command::GrantLeases { grants, .. } = &cmd else {
+        panic!("expected only grants, got {cmd:?}")
+    };
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].job, grants[0].worker.as_str()), (jobs[0], "x86"));
+    c.apply(cmd);
+    assert_eq!(c.state_of(jobs[1]), "ready");
+    assert!(
+        c.sm.schedule_round_among(1, 0, 1_000, |w| w == "x86")
+            .is_none()
+    );
+    // Once it is back, it gets the job.
+    let Some(Command::GrantLeases { grants, .. }) =
+        c.sm.schedule_round_among(1, 0, 1_000, |_| true)
+    else {
+        panic!("the arm64 job is placed once its worker is reachable")
+    };
+    assert_eq!((grants[0].job, grants[0].worker.as_str()), (jobs[1], "arm"));
+    assert!(matches!(
+        c.sm.build(build).unwrap().status,
+        BuildStatus::Running
+    ));
+}
+
+#[test]
+fn coordinators_are_recorded_and_retired_ids_never_come_back() {
+    let mut c = Cluster::new();
+    let set = |id: u64, name: &str, addr: &str| Command::SetCoordinator {
+        id,
+        name: name.into(),
+        addr: addr.into(),
+    };
+    assert_eq!(
+        c.apply(set(4, "c4", "127.0.0.1:7104")),
+        Response::CoordinatorSet { id: 4 }
+    );
+    // A new address for the same node replaces the old one.
+    c.apply(set(4, "c4", "127.0.0.1:7204"));
+    assert_eq!(c.sm.coordinators()[&4].addr, "127.0.0.1:7204");
+    let refused = |r: Response| r.rejection().map(ToString::to_string).unwrap_or_default();
+    let name_taken = refused(c.apply(set(5, "c4", "127.0.0.1:7105")));
+    assert!(
+        name_taken.contains("belongs to coordinator 4"),
+        "{name_taken}"
+    );
+    let bad_addr = refused(c.apply(set(5, "c5", "somewhere")));
+    assert!(bad_addr.contains("ip:port"), "{bad_addr}");
+    assert!(refused(c.apply(set(0, "c0", "127.0.0.1:1"))).contains("reserved"));
+
+    // An initial coordinator (never recorded) and an added one are retired alike.
+    for (id, name) in [(2, "c2"), (4, "c4")] {
+        let retire = Command::RetireCoordinator {
+            id,
+            name: name.into(),
+            addr: String::new(),
+        };
+        assert_eq!(c.apply(retire), Response::CoordinatorRetired { id });
+        let again = refused(c.apply(set(id, name, "127.0.0.1:7300")));
+        assert!(again.contains("never reused"), "{again}");
+    }
+    // A retired name may be taken by a new id; the record survives a snapshot.
+    assert_eq!(
+        c.apply(set(6, "c4", "127.0.0.1:7106")),
+        Response::CoordinatorSet { id: 6 }
+    );
+    let mut restored = StateMachine::default();
+    restored.restore(&c.sm.snapshot()).unwrap();
+    assert_eq!(restored.coordinators(), c.sm.coordinators());
+}
+
+#[test]
 fn queries_summarise_the_cluster() {
     let mut c = Cluster::new();
     c.register("arm", &["linux/arm64"], &[], 2);

@@ -27,7 +27,7 @@ use super::WireError;
 
 /// The wire protocol version this build speaks, carried by every frame. Bump it whenever a
 /// message's archived layout changes.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// The largest frame accepted or sent, in bytes after the length field (64 MiB). Anything
 /// bigger (Raft snapshots, layers) is sent in chunks or through the blob store.
@@ -281,11 +281,20 @@ mod tests {
         bytes[4..6].copy_from_slice(&7u16.to_be_bytes());
         let err = read_from::<WorkerMsg>(&bytes).await.unwrap_err();
         assert!(
-            matches!(err, WireError::VersionMismatch { ours: 1, theirs: 7 }),
+            matches!(
+                err,
+                WireError::VersionMismatch {
+                    ours: WIRE_VERSION,
+                    theirs: 7
+                }
+            ),
             "{err:?}"
         );
         let text = err.to_string();
-        assert!(text.contains('7') && text.contains('1'), "{text}");
+        assert!(
+            text.contains('7') && text.contains(&WIRE_VERSION.to_string()),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -217,6 +217,9 @@ pub enum ClientMsg {
     Cancel(CancelBuild),
     /// Answered by [`CoordinatorToClient::Status`].
     Status(StatusRequest),
+    /// Adds or removes a coordinator (clients with a certificate only); answered by
+    /// [`CoordinatorToClient::Membership`] once the change is committed.
+    Membership(MembershipRequest),
 }
 
 /// What a coordinator answers a client. Any request may also be answered by `NotLeader`,
@@ -227,6 +230,7 @@ pub enum CoordinatorToClient {
     Event(BuildEvent),
     Done(BuildDone),
     Status(StatusReply),
+    Membership(MembershipReply),
     /// This coordinator is not the leader: dial the one named.
     NotLeader(NotLeader),
     /// The leader cannot commit anything right now (no quorum); retry later.
@@ -277,6 +281,31 @@ pub struct BuildDone {
     pub build_id: BuildId,
     /// `Ok`: the build result (image digests, exported outputs) as JSON; `Err`: why it failed.
     pub result: Outcome,
+}
+
+/// A change to the coordinators' Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum MembershipRequest {
+    /// Adds coordinator `id` (started with `join = true`), first as a learner until it has
+    /// caught up, then as a voter. Asking again for a learner resumes.
+    Add {
+        id: u64,
+        /// The name in its certificate.
+        name: String,
+        /// `ip:port` of its QUIC endpoint.
+        addr: String,
+    },
+    /// Removes coordinator `id`; a removed leader hands leadership over first.
+    Remove { id: u64 },
+}
+
+/// The group after a committed membership change.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct MembershipReply {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// What was done, for people.
+    pub message: String,
 }
 
 /// Ask for the cluster's state.
@@ -377,4 +406,7 @@ pub enum ErrorCode {
     Overloaded,
     /// A bug or an unexpected failure on the coordinator.
     Internal,
+    /// The request could not complete in time for a reason outside the coordinator (a
+    /// coordinator being added has not caught up); asking again resumes it.
+    Unavailable,
 }

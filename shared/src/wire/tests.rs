@@ -266,12 +266,23 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
         }),
         ClientMsg::Cancel(CancelBuild { build_id: 42 }),
         ClientMsg::Status(StatusRequest {}),
+        ClientMsg::Membership(MembershipRequest::Add {
+            id: 4,
+            name: "c4".into(),
+            addr: "127.0.0.1:7104".into(),
+        }),
+        ClientMsg::Membership(MembershipRequest::Remove { id: 2 }),
     ];
     for msg in &clients {
         assert_eq!(&round_trip(&client_conn, "ClientMsg", msg).await, msg);
     }
     let mut to_clients = vec![
         CoordinatorToClient::Accepted(BuildAccepted { build_id: 42 }),
+        CoordinatorToClient::Membership(MembershipReply {
+            voters: vec![1, 3, 4],
+            learners: Vec::new(),
+            message: "coordinator 2 removed".into(),
+        }),
         CoordinatorToClient::Event(BuildEvent {
             seq: 17,
             event_json: br#"{"step":"[build 1/3] FROM busybox"}"#.to_vec(),
@@ -382,7 +393,7 @@ async fn serve_clients(conn: quinn::Connection) -> Result<(), WireError> {
                     });
                     write_frame(&mut send, &done).await?;
                 }
-                ClientMsg::Cancel(_) => {
+                ClientMsg::Cancel(_) | ClientMsg::Membership(_) => {
                     write_frame(&mut send, &CoordinatorToClient::NoQuorum).await?;
                 }
                 ClientMsg::Status(_) => {
@@ -507,7 +518,7 @@ async fn bad_frames_over_quic_are_clear_errors() {
         out
     };
     let mut wrong_version = valid.clone();
-    wrong_version[4..6].copy_from_slice(&2u16.to_be_bytes());
+    wrong_version[4..6].copy_from_slice(&(WIRE_VERSION + 1).to_be_bytes());
     let mut oversize = (u32::MAX).to_be_bytes().to_vec();
     oversize.extend_from_slice(&WIRE_VERSION.to_be_bytes());
     let truncated = valid[..valid.len() - 3].to_vec();
@@ -530,7 +541,8 @@ async fn bad_frames_over_quic_are_clear_errors() {
         let result = read_frame::<WorkerMsg>(&mut recv).await;
         match (name, result) {
             ("valid", Ok(WorkerMsg::Heartbeat(beat))) => assert_eq!(beat.running, [1, 2, 3]),
-            ("wrong version", Err(WireError::VersionMismatch { ours: 1, theirs: 2 })) => {}
+            ("wrong version", Err(WireError::VersionMismatch { ours, theirs }))
+                if ours == WIRE_VERSION && theirs == WIRE_VERSION + 1 => {}
             ("oversize", Err(WireError::FrameTooLarge { .. })) => {}
             ("truncated", Err(WireError::Truncated { .. })) => {}
             ("garbage", Err(WireError::Decode { .. })) => {}

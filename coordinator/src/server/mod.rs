@@ -8,15 +8,13 @@
 //! client token): coordinators send Raft messages on unidirectional streams; clients ask on
 //! bidirectional streams.
 
-use std::collections::HashMap;
+mod membership;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use strata_shared::dag;
 use strata_shared::dockerfile::Dockerfile;
@@ -95,23 +93,36 @@ pub struct NodeView {
     pub applied_index: u64,
     pub role: &'static str,
     pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// This node applied its own removal from the group.
+    pub removed: bool,
 }
 
 type Query = Box<dyn FnOnce(&state::StateMachine) + Send>;
+type Inspect = Box<dyn FnOnce(&RaftNode<ClusterState>) + Send>;
+type Reply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
 
 enum Request {
     Step(Vec<u8>),
     Unreachable(u64),
-    Propose(Vec<u8>, oneshot::Sender<Result<Vec<u8>, ProposeError>>),
+    /// A snapshot message to the peer was delivered, or not.
+    SnapshotSent(u64, bool),
+    Propose(Vec<u8>, Reply),
+    ConfChange(raft::MembershipChange, Reply),
     Query(Query),
+    Inspect(Inspect),
 }
+
+/// Where the coordinators are, by Raft id: the configured peers, overlaid with the ones
+/// recorded in the replicated state (added at run time).
+type AddressBook = Arc<Mutex<BTreeMap<u64, Peer>>>;
 
 /// Talks to the task that owns the Raft node.
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<Request>,
     view: watch::Receiver<NodeView>,
-    peers: Arc<Vec<Peer>>,
+    book: AddressBook,
 }
 
 impl NodeHandle {
@@ -120,20 +131,37 @@ impl NodeHandle {
         self.view.borrow().clone()
     }
 
+    /// Where coordinator `id` is, if known.
+    pub fn peer(&self, id: u64) -> Option<Peer> {
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.get(&id).cloned()
+    }
+
     /// The address of the leader, when one is known.
     pub fn leader_addr(&self) -> Option<String> {
         let leader = self.view.borrow().leader?;
-        self.peers
-            .iter()
-            .find(|p| p.id == leader)
-            .map(|p| format!("{}={}", p.name, p.addr))
+        self.peer(leader).map(|p| format!("{}={}", p.name, p.addr))
     }
 
     /// Proposes a command; returns the state machine's response once it is applied here.
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        self.ask(|tx| Request::Propose(command, tx)).await
+    }
+
+    /// Proposes a membership change; returns once it is applied here.
+    pub async fn change_membership(
+        &self,
+        change: raft::MembershipChange,
+    ) -> Result<(), ProposeError> {
+        self.ask(|tx| Request::ConfChange(change, tx))
+            .await
+            .map(drop)
+    }
+
+    async fn ask(&self, request: impl FnOnce(Reply) -> Request) -> Result<Vec<u8>, ProposeError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Request::Propose(command, tx))
+            .send(request(tx))
             .await
             .map_err(|_| ProposeError::Failed("the raft task has stopped".into()))?;
         match tokio::time::timeout(PROPOSAL_TIMEOUT, rx).await {
@@ -141,6 +169,19 @@ impl NodeHandle {
             Ok(Err(_)) => Err(ProposeError::Failed("the raft task has stopped".into())),
             Err(_) => Err(ProposeError::NoQuorum),
         }
+    }
+
+    /// Runs `f` on the Raft node itself (progress of peers, membership).
+    pub async fn inspect<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RaftNode<ClusterState>) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let i: Inspect = Box::new(move |n| {
+            let _ = tx.send(f(n));
+        });
+        self.tx.send(Request::Inspect(i)).await.ok()?;
+        rx.await.ok()
     }
 
     /// Runs `f` on the current state (as applied on this node).
@@ -183,7 +224,12 @@ pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
     let local: SocketAddr = SocketAddr::new(config.listen.ip(), 0);
     let dialer = tls::client_endpoint(local, tls::client_config(&ca_pem, Some(&identity))?)?;
 
-    let voters: Vec<u64> = config.peers.iter().map(|p| p.id).collect();
+    // A joining node starts empty and waits for the leader to add it (and send a snapshot).
+    let voters: Vec<u64> = if config.join {
+        Vec::new()
+    } else {
+        config.peers.iter().map(|p| p.id).collect()
+    };
     let raft_config = raft::RaftConfig {
         heartbeat_ticks: config.raft.heartbeat_ticks,
         election_ticks: config.raft.election_ticks,
@@ -208,16 +254,49 @@ pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
         events: Mutex::new(HashMap::new()),
     });
     tokio::spawn(leader_loop(shared.clone()));
-    while let Some(incoming) = endpoint.accept().await {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            if let Err(e) = connection(incoming, shared).await {
-                tracing::debug!(%remote, error = %e, "connection ended");
+    let mut view = shared.node.view.clone();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = connection(incoming, shared).await {
+                        tracing::debug!(%remote, error = %e, "connection ended");
+                    }
+                });
             }
-        });
+            _ = removed_and_handed_over(&mut view) => {
+                tracing::warn!(node = shared.config.node_id, "this coordinator was removed from the cluster; stopping");
+                endpoint.close(0u32.into(), b"removed from the cluster");
+                break;
+            }
+        }
     }
     Ok(())
+}
+
+/// Resolves once this node has applied its own removal and no longer leads (a removed
+/// leader first hands leadership over), plus a grace period for its last messages.
+async fn removed_and_handed_over(view: &mut watch::Receiver<NodeView>) {
+    loop {
+        let done = {
+            let v = view.borrow_and_update();
+            v.removed && v.leader != Some(v.id)
+        };
+        if done {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let v = view.borrow();
+            if v.removed && v.leader != Some(v.id) {
+                return;
+            }
+            continue;
+        }
+        if view.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// What the connection handlers and the leader's loop share.
@@ -265,7 +344,30 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Starts the Raft task and the peer senders.
+/// The address book: the configured peers, overlaid by the coordinators recorded in the
+/// replicated state (an address recorded later wins; retired ones stay, for their names).
+fn address_book(
+    configured: &[Peer],
+    recorded: &BTreeMap<u64, state::CoordinatorRecord>,
+) -> BTreeMap<u64, Peer> {
+    let mut book: BTreeMap<u64, Peer> = configured.iter().map(|p| (p.id, p.clone())).collect();
+    for (id, r) in recorded {
+        if let Ok(addr) = r.addr.parse() {
+            book.insert(
+                *id,
+                Peer {
+                    id: *id,
+                    name: r.name.clone(),
+                    addr,
+                },
+            );
+        }
+    }
+    book
+}
+
+/// Starts the Raft task. Peer senders start on the first message to a peer whose address is
+/// known, and stop when it leaves the group.
 fn start_node(
     mut node: RaftNode<ClusterState>,
     config: &CoordinatorConfig,
@@ -273,26 +375,23 @@ fn start_node(
 ) -> NodeHandle {
     let (tx, mut rx) = mpsc::channel::<Request>(4096);
     let (view_tx, view_rx) = watch::channel(NodeView::default());
-    let mut senders: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    for peer in config.peers.iter().filter(|p| p.id != config.node_id) {
-        let (ptx, prx) = mpsc::channel(PEER_QUEUE);
-        senders.insert(peer.id, ptx);
-        tokio::spawn(peer_sender(
-            dialer.clone(),
-            peer.clone(),
-            config.node_id,
-            config.name.clone(),
-            prx,
-            tx.clone(),
-        ));
-    }
+    let book: AddressBook = Arc::new(Mutex::new(address_book(
+        &config.peers,
+        node.state_machine().0.coordinators(),
+    )));
     let tick_every = Duration::from_millis(config.raft.tick_ms.max(1));
     let id = config.node_id;
+    let name = config.name.clone();
+    let configured = config.peers.clone();
+    let requests = tx.clone();
+    let task_book = book.clone();
     tokio::spawn(async move {
+        let book = task_book;
+        let mut senders: HashMap<u64, mpsc::Sender<(Vec<u8>, bool)>> = HashMap::new();
         let mut ticker = tokio::time::interval(tick_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut waiting: HashMap<raft::ProposalId, oneshot::Sender<Result<Vec<u8>, ProposeError>>> =
-            HashMap::new();
+        let mut waiting: HashMap<raft::ProposalId, Reply> = HashMap::new();
+        let mut recorded = node.state_machine().0.coordinators().clone();
         loop {
             tokio::select! {
                 _ = ticker.tick() => node.tick(),
@@ -305,18 +404,17 @@ fn start_node(
                             }
                         }
                         Request::Unreachable(to) => node.report_unreachable(to),
-                        Request::Propose(data, reply) => match node.propose(data) {
-                            Ok(pid) => {
-                                waiting.insert(pid, reply);
-                            }
-                            Err(raft::RaftError::NotLeader { leader_id }) => {
-                                let _ = reply.send(Err(ProposeError::NotLeader { leader: leader_id.map(|l| l.to_string()) }));
-                            }
-                            Err(e) => {
-                                let _ = reply.send(Err(ProposeError::Failed(e.to_string())));
-                            }
-                        },
+                        Request::SnapshotSent(to, delivered) => node.report_snapshot(to, delivered),
+                        Request::Propose(data, reply) => {
+                            let proposed = node.propose(data);
+                            track(proposed, reply, &mut waiting);
+                        }
+                        Request::ConfChange(change, reply) => {
+                            let proposed = node.propose_conf_change(change);
+                            track(proposed, reply, &mut waiting);
+                        }
                         Request::Query(q) => q(&node.state_machine().0),
+                        Request::Inspect(f) => f(&node),
                     }
                 }
             }
@@ -324,11 +422,49 @@ fn start_node(
                 tracing::error!(node = id, error = %e, "raft node failed; stopping it");
                 break;
             }
+            if node.state_machine().0.coordinators() != &recorded {
+                recorded = node.state_machine().0.coordinators().clone();
+                let mut b = book.lock().unwrap_or_else(|e| e.into_inner());
+                *b = address_book(&configured, &recorded);
+            }
+            let conf = node.conf_state();
+            // A joining node knows no members until its first snapshot; it answers whoever
+            // writes to it.
+            if !conf.voters.is_empty() {
+                senders
+                    .retain(|peer, _| conf.voters.contains(peer) || conf.learners.contains(peer));
+            }
             for out in node.take_outgoing() {
-                if let Some(peer) = senders.get(&out.to)
-                    && peer.try_send(out.encode()).is_err()
-                {
+                let snapshot = out.is_snapshot();
+                let sender = match senders.get(&out.to) {
+                    Some(s) => Some(s.clone()),
+                    None => {
+                        let peer = book
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&out.to)
+                            .cloned();
+                        peer.map(|peer| {
+                            let (ptx, prx) = mpsc::channel(PEER_QUEUE);
+                            tokio::spawn(peer_sender(
+                                dialer.clone(),
+                                peer,
+                                id,
+                                name.clone(),
+                                prx,
+                                requests.clone(),
+                            ));
+                            senders.insert(out.to, ptx.clone());
+                            ptx
+                        })
+                    }
+                };
+                let sent = sender.is_some_and(|s| s.try_send((out.encode(), snapshot)).is_ok());
+                if !sent {
                     node.report_unreachable(out.to);
+                    if snapshot {
+                        node.report_snapshot(out.to, false);
+                    }
                 }
             }
             for r in node.take_responses() {
@@ -348,7 +484,9 @@ fn start_node(
                     ::raft::StateRole::PreCandidate => "pre-candidate",
                     ::raft::StateRole::Follower => "follower",
                 },
-                voters: node.conf_state().get_voters().to_vec(),
+                voters: sorted(&conf.voters),
+                learners: sorted(&conf.learners),
+                removed: node.is_removed(),
             };
             view_tx.send_if_modified(|old| {
                 let changed = *old != view;
@@ -360,7 +498,34 @@ fn start_node(
     NodeHandle {
         tx,
         view: view_rx,
-        peers: Arc::new(config.peers.clone()),
+        book,
+    }
+}
+
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids
+}
+
+/// Keeps a proposal's reply until its entry applies, or answers at once when it was refused.
+fn track(
+    proposed: Result<raft::ProposalId, raft::RaftError>,
+    reply: Reply,
+    waiting: &mut HashMap<raft::ProposalId, Reply>,
+) {
+    match proposed {
+        Ok(pid) => {
+            waiting.insert(pid, reply);
+        }
+        Err(raft::RaftError::NotLeader { leader_id }) => {
+            let _ = reply.send(Err(ProposeError::NotLeader {
+                leader: leader_id.map(|l| l.to_string()),
+            }));
+        }
+        Err(e) => {
+            let _ = reply.send(Err(ProposeError::Failed(e.to_string())));
+        }
     }
 }
 
@@ -371,16 +536,19 @@ async fn peer_sender(
     peer: Peer,
     me: u64,
     my_name: String,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<(Vec<u8>, bool)>,
     node: mpsc::Sender<Request>,
 ) {
     let mut conn: Option<quinn::Connection> = None;
-    while let Some(bytes) = rx.recv().await {
+    while let Some((bytes, snapshot)) = rx.recv().await {
         if conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
             conn = dial_peer(&dialer, &peer, &my_name).await;
         }
         let Some(c) = &conn else {
             let _ = node.send(Request::Unreachable(peer.id)).await;
+            if snapshot {
+                let _ = node.send(Request::SnapshotSent(peer.id, false)).await;
+            }
             // Drop what queued up meanwhile: Raft retries on its own schedule.
             while rx.try_recv().is_ok() {}
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -399,6 +567,11 @@ async fn peer_sender(
             stream.finish().map_err(|e| e.to_string())
         }
         .await;
+        if snapshot {
+            let _ = node
+                .send(Request::SnapshotSent(peer.id, sent.is_ok()))
+                .await;
+        }
         if let Err(e) = sent {
             tracing::debug!(peer = %peer.name, error = %e, "sending to a peer failed");
             conn = None;
@@ -439,6 +612,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<()
         .await
         .map_err(|e| wire::WireError::Refused(e.to_string()))?;
     let greeting = wire::receive_hello(&conn, &shared.tokens).await?;
+    let auth = greeting.auth();
     let view = shared.node.view();
     let welcome = Welcome {
         node_id: shared.config.node_id,
@@ -460,7 +634,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<()
         }
         Role::Client => {
             while let Some((send, recv)) = wire::accept_stream(&conn).await? {
-                tokio::spawn(client_request(shared.clone(), send, recv));
+                tokio::spawn(client_request(shared.clone(), send, recv, auth));
             }
             Ok(())
         }
@@ -686,6 +860,7 @@ async fn client_request(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    auth: wire::AuthMethod,
 ) {
     let msg = match wire::read_frame::<ClientMsg>(&mut recv).await {
         Ok(m) => m,
@@ -719,6 +894,15 @@ async fn client_request(
                 }
             }
         }
+        ClientMsg::Membership(_) if auth != wire::AuthMethod::Certificate => {
+            CoordinatorToClient::Error(ErrorReply {
+                code: ErrorCode::Forbidden,
+                message: "membership changes need a client certificate of the cluster CA; a token \
+                          only submits and watches builds"
+                    .into(),
+            })
+        }
+        ClientMsg::Membership(change) => membership::change(&shared, change).await,
         ClientMsg::Watch(w) => {
             watch_build(&shared, &mut send, w.build_id, w.from_event).await;
             let _ = send.finish();
@@ -974,11 +1158,16 @@ async fn leader_loop(shared: Arc<Shared>) {
         {
             tracing::info!(?resp, "expired leases");
         }
-        // Lease ready jobs to connected workers and offer them.
+        // Lease ready jobs to the workers connected to this leader and offer them: one that
+        // has not found the new leader yet would only see its offers fail.
         let term = view.term;
+        let connected: BTreeSet<String> = {
+            let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.keys().cloned().collect()
+        };
         let Some(Some(cmd)) = shared
             .node
-            .query(move |s| s.schedule_round(term, now, lease_ms))
+            .query(move |s| s.schedule_round_among(term, now, lease_ms, |w| connected.contains(w)))
             .await
         else {
             continue;
@@ -1107,26 +1296,40 @@ async fn offer(shared: &Shared, lease: state::GrantedLease) {
 async fn status(shared: &Shared) -> StatusReply {
     let config = &shared.config;
     let view = shared.node.view();
-    let nodes = config
-        .peers
-        .iter()
-        .map(|p| {
-            let me = p.id == config.node_id;
-            let state = if me {
+    let mut members: BTreeSet<u64> = view.voters.iter().chain(&view.learners).copied().collect();
+    if members.is_empty() {
+        // Not initialised yet (a joining node): the configured peers.
+        members.extend(config.peers.iter().map(|p| p.id));
+    }
+    members.insert(config.node_id);
+    let nodes = members
+        .into_iter()
+        .map(|id| {
+            let me = id == config.node_id;
+            let state = if me && view.removed {
+                RaftState::Unknown
+            } else if me {
                 match view.role {
                     "leader" => RaftState::Leader,
+                    "follower" if view.learners.contains(&id) => RaftState::Learner,
                     "follower" => RaftState::Follower,
+                    "pre-candidate" => RaftState::PreCandidate,
                     _ => RaftState::Candidate,
                 }
-            } else if view.leader == Some(p.id) {
+            } else if view.leader == Some(id) {
                 RaftState::Leader
+            } else if view.learners.contains(&id) {
+                RaftState::Learner
             } else {
                 RaftState::Unknown
             };
+            let peer = shared.node.peer(id);
             NodeStatus {
-                id: p.id,
-                name: p.name.clone(),
-                addr: p.addr.to_string(),
+                id,
+                name: peer
+                    .as_ref()
+                    .map_or_else(|| format!("node {id}"), |p| p.name.clone()),
+                addr: peer.map_or_else(|| "unknown".into(), |p| p.addr.to_string()),
                 state,
                 term: if me { view.term } else { 0 },
                 commit_index: if me { view.commit_index } else { 0 },
