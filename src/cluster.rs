@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use strata_coordinator::config::CoordinatorConfig;
-use strata_coordinator::init::{InitPlan, init, init_join};
+use strata_coordinator::init::{InitPlan, consecutive, init, init_join};
 use strata_coordinator::server::ClusterBuildRequest;
 use strata_coordinator::state::TargetOutput;
 use strata_shared::job::StageOutput;
@@ -97,8 +97,12 @@ struct InitArgs {
     #[arg(long, default_value_t = 1)]
     clients: usize,
     /// The first coordinator's address; the others take the next ports.
-    #[arg(long, default_value = "127.0.0.1:7101")]
+    #[arg(long, default_value = "127.0.0.1:7101", conflicts_with = "addrs")]
     listen: SocketAddr,
+    /// Every coordinator's address instead, comma-separated (one host each, say); their
+    /// number is the number of coordinators.
+    #[arg(long, value_delimiter = ',', conflicts_with = "coordinators")]
+    addrs: Vec<SocketAddr>,
 }
 
 /// How a client reaches the cluster.
@@ -137,8 +141,11 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let report = init(
                 &a.out,
                 &InitPlan {
-                    coordinators: a.coordinators,
-                    first_addr: a.listen,
+                    coordinators: if a.addrs.is_empty() {
+                        consecutive(a.coordinators, a.listen)?
+                    } else {
+                        a.addrs
+                    },
                     workers: a.workers,
                     clients: a.clients,
                 },

@@ -13,7 +13,8 @@ const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 /// process is killed on drop.
 struct Cluster {
     dir: tempfile::TempDir,
-    ports: Vec<u16>,
+    /// `ip:port` of c1..c4.
+    addrs: Vec<String>,
     children: Vec<Option<Child>>,
 }
 
@@ -38,12 +39,20 @@ fn free_ports() -> Vec<u16> {
 
 impl Cluster {
     fn init() -> Cluster {
+        let addrs = free_ports()
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        Cluster::init_at(addrs)
+    }
+
+    /// Coordinators on `addrs` (the first three; the fourth is for one that joins).
+    fn init_at(addrs: Vec<String>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports = free_ports();
         let out = Command::new(STRATA)
             .args(["coordinator", "init", "--out"])
             .arg(dir.path())
-            .args(["--listen", &format!("127.0.0.1:{}", ports[0])])
+            .args(["--addrs", &addrs[..3].join(",")])
             .output()
             .expect("strata coordinator init");
         assert!(
@@ -53,7 +62,7 @@ impl Cluster {
         );
         Cluster {
             dir,
-            ports,
+            addrs,
             children: vec![None, None, None, None],
         }
     }
@@ -94,11 +103,7 @@ impl Cluster {
     /// `strata status` against node `i` (stdout), or its error.
     fn status(&self, i: usize) -> Result<String, String> {
         let out = Command::new(STRATA)
-            .args([
-                "status",
-                "--coordinator",
-                &format!("127.0.0.1:{}", self.ports[i]),
-            ])
+            .args(["status", "--coordinator", &self.addrs[i]])
             .arg("--ca")
             .arg(self.dir.path().join("pki/ca.crt"))
             .args(["--token", &self.token()])
@@ -242,11 +247,7 @@ fn three_coordinators_elect_fail_over_and_restart() {
 
     // A client with a wrong token is refused, and the refusal is logged.
     let out = Command::new(STRATA)
-        .args([
-            "status",
-            "--coordinator",
-            &format!("127.0.0.1:{}", cluster.ports[0]),
-        ])
+        .args(["status", "--coordinator", &cluster.addrs[0]])
         .arg("--ca")
         .arg(cluster.dir.path().join("pki/ca.crt"))
         .args(["--token", "not-the-token"])
@@ -296,11 +297,7 @@ impl Cluster {
 
     /// `strata build` against the cluster; returns (success, stderr).
     fn build(&self, context: &Path, extra: &[&str]) -> (bool, String) {
-        let coordinators: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
+        let coordinators: Vec<String> = self.addrs[..3].to_vec();
         let state = self.dir.path().join("client-state");
         let out = Command::new(STRATA)
             .arg("build")
@@ -470,11 +467,7 @@ impl Cluster {
         out: &Path,
     ) -> (Child, std::sync::Arc<std::sync::Mutex<String>>) {
         use std::io::BufRead;
-        let coordinators: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
+        let coordinators: Vec<String> = self.addrs[..3].to_vec();
         let mut child = Command::new(STRATA)
             .arg("build")
             .arg(context)
@@ -717,35 +710,111 @@ fn without_a_quorum_clients_get_a_clear_error_and_a_full_restart_resumes_the_que
     );
 }
 
+/// A network partition on loopback: every packet from or to one address is dropped (an
+/// iptables chain of its own in INPUT, which loopback traffic crosses in both directions) until
+/// the value is dropped.
+struct Partition {
+    chain: String,
+}
+
+fn iptables(args: &[&str]) -> bool {
+    Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Partition {
+    fn cut(ip: &str) -> Partition {
+        let chain = format!("STRATA-CUT-{}", std::process::id());
+        let ok = iptables(&["-N", &chain])
+            && iptables(&["-A", &chain, "-s", ip, "-j", "DROP"])
+            && iptables(&["-A", &chain, "-d", ip, "-j", "DROP"])
+            && iptables(&["-I", "INPUT", "-j", &chain]);
+        let partition = Partition { chain };
+        assert!(
+            ok,
+            "iptables could not cut {ip} off (run as root with iptables installed)"
+        );
+        partition
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        iptables(&["-D", "INPUT", "-j", &self.chain]);
+        iptables(&["-F", &self.chain]);
+        iptables(&["-X", &self.chain]);
+    }
+}
+
+/// Three loopback addresses of their own (127.a.b.11-13, a and b from the process id) and a
+/// fourth on 127.0.0.1, all on one free port.
+fn own_loopback_addresses() -> Vec<String> {
+    let pid = std::process::id();
+    let net = format!("127.{}.{}", 100 + pid % 100, 1 + (pid / 100) % 250);
+    for _ in 0..200 {
+        let probe = UdpSocket::bind(format!("{net}.11:0")).expect("bind a loopback address");
+        let port = probe.local_addr().expect("addr").port();
+        drop(probe);
+        let addrs: Vec<String> = [11, 12, 13]
+            .iter()
+            .map(|h| format!("{net}.{h}:{port}"))
+            .chain([format!("127.0.0.1:{port}")])
+            .collect();
+        let held: Vec<_> = addrs
+            .iter()
+            .filter_map(|a| UdpSocket::bind(a).ok())
+            .collect();
+        if held.len() == addrs.len() {
+            return addrs;
+        }
+    }
+    panic!("no free port on {net}.11-13");
+}
+
 #[test]
-fn a_leader_cut_off_mid_build_loses_its_place_and_no_job_completes_twice() {
+fn a_partitioned_leader_steps_down_and_no_job_completes_twice() {
     let registry = strata_testkit::busybox_registry();
-    let (mut cluster, workers) = started_cluster(&["w1", "w2"]);
+    let mut cluster = Cluster::init_at(own_loopback_addresses());
+    cluster.fast_leases();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.leader_seen_by(0);
+    let workers = vec![cluster.start_worker("w1"), cluster.start_worker("w2")];
+    cluster.wait_for_workers(2);
     let ctx = slow_context(&registry, 3);
     let out = cluster.dir.path().join("out");
     let (child, log) = cluster.spawn_build(ctx.path(), &out);
     cluster.wait_until("the slow stage starting", 60, |c| {
         c.jobs_taken("w1").len() + c.jobs_taken("w2").len() >= 2
     });
-    // Cut the leader off: frozen, it neither hears nor is heard (SIGSTOP), while the others
-    // elect a leader and the build goes on without it.
+    // Cut the leader off the network: it still runs, but hears no one and no one hears it.
     let leader = cluster.leader_index();
-    let pid = cluster.children[leader]
-        .as_ref()
-        .map(|c| c.id().to_string())
+    let ip = cluster.addrs[leader]
+        .rsplit_once(':')
+        .map(|(ip, _)| ip.to_string())
         .unwrap_or_default();
-    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    let partition = Partition::cut(&ip);
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
-    cluster.wait_until("a new leader", 30, |c| {
-        c.status(others[0]).is_ok_and(|t| {
-            t.lines().next().is_some_and(|l| {
-                l.contains("leader: c") && !l.contains(&format!("leader: c{}=", leader + 1))
-            })
-        })
+    let old = format!("c{}", leader + 1);
+    cluster.wait_until("a new leader on the majority side", 30, |c| {
+        let seen = c.leader_seen_by(others[0]);
+        seen != old
     });
+    // Without a quorum the old leader steps down by itself (check-quorum).
+    cluster.wait_until("the cut-off leader stepping down", 30, |c| {
+        c.log_of(&old)
+            .lines()
+            .any(|l| l.contains("raft role changed") && l.contains("from=\"leader\""))
+    });
+    // The build finishes on the majority side while the old leader is still cut off.
     let (ok, text) = finish_build(child, &log, 120);
-    // Back on the network, the old leader follows the new one.
-    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    drop(partition);
     let new_leader = cluster.leader_seen_by(others[0]);
     cluster.wait_until("the old leader following", 30, |c| {
         c.leader_seen_by(leader) == new_leader
@@ -756,7 +825,6 @@ fn a_leader_cut_off_mid_build_loses_its_place_and_no_job_completes_twice() {
         .map(|w| cluster.log_of(w).matches("result delivered").count())
         .sum::<usize>();
     stop(workers);
-    cluster.kill(leader);
     assert!(ok, "{text}\n{}", cluster.logs());
     assert_eq!(
         std::fs::read_to_string(out.join("s")).unwrap_or_default(),
@@ -774,11 +842,11 @@ impl Cluster {
     /// `strata coordinator <args>` as a client of every running node; (success, stdout+stderr).
     fn coordinator_cmd(&self, args: &[&str], certificate: bool) -> (bool, String) {
         let coordinators: Vec<String> = self
-            .ports
+            .addrs
             .iter()
             .enumerate()
             .filter(|(i, _)| self.children[*i].is_some())
-            .map(|(_, p)| format!("127.0.0.1:{p}"))
+            .map(|(_, a)| a.clone())
             .collect();
         let pki = self.dir.path().join("pki");
         let mut cmd = Command::new(STRATA);
@@ -830,7 +898,7 @@ fn coordinators_are_added_and_removed_through_raft() {
     let leader = cluster.leader_seen_by(0);
 
     // A fourth coordinator: a certificate from the cluster CA and a joining configuration.
-    let c4_addr = format!("127.0.0.1:{}", cluster.ports[3]);
+    let c4_addr = cluster.addrs[3].clone();
     let out = Command::new(STRATA)
         .args(["coordinator", "init-join", "--out"])
         .arg(cluster.dir.path())
@@ -908,7 +976,7 @@ fn coordinators_are_added_and_removed_through_raft() {
     });
 
     // A removed id is never used again.
-    let old_addr = format!("127.0.0.1:{}", cluster.ports[old]);
+    let old_addr = cluster.addrs[old].clone();
     let again = ["add", "--id", &id, "--name", &leader, "--addr", &old_addr];
     let (ok, text) = cluster.coordinator_cmd(&again, true);
     assert!(!ok && text.contains("ids are never reused"), "{text}");

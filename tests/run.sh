@@ -10,11 +10,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/strata-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 # Debian packages the end-to-end tests use: the OCI runtime, the registry that serves the
-# busybox fixture images, the tools that check strata's outputs, QEMU for emulated platforms.
+# busybox fixture images, the tools that check strata's outputs, QEMU for emulated platforms,
+# iptables to cut a coordinator off the network in the partition test.
 need_apt=()
 for pair in runc:runc skopeo:skopeo umoci:umoci docker-registry:docker-registry \
   qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support htpasswd:apache2-utils \
-  xz:xz-utils bzip2:bzip2 zstd:zstd; do
+  xz:xz-utils bzip2:bzip2 zstd:zstd iptables:iptables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then

@@ -13,9 +13,8 @@ use crate::config::{CoordinatorConfig, Peer};
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct InitPlan {
-    /// Coordinators `c1..cN` (1, 3 or 5) listening on consecutive ports from `first_addr`.
-    pub coordinators: usize,
-    pub first_addr: SocketAddr,
+    /// The addresses of coordinators `c1..cN` (1, 3 or 5, distinct); see [`consecutive`].
+    pub coordinators: Vec<SocketAddr>,
     /// Workers `w1..wM`.
     pub workers: usize,
     /// Clients with a certificate (`client1..`); a token is written as well.
@@ -176,26 +175,34 @@ pub fn init_join(out: &Path, listen: SocketAddr) -> Result<JoinReport, InitError
     })
 }
 
+/// `count` addresses on `first`'s host, on consecutive ports from `first`'s.
+pub fn consecutive(count: usize, first: SocketAddr) -> Result<Vec<SocketAddr>, InitError> {
+    (0..count)
+        .map(|i| {
+            let port = u16::try_from(i)
+                .ok()
+                .and_then(|i| first.port().checked_add(i))
+                .ok_or_else(|| InitError::Invalid(format!("ports from {first} run past 65535")))?;
+            Ok(SocketAddr::new(first.ip(), port))
+        })
+        .collect()
+}
+
 /// Writes everything into `out` (created if needed).
 pub fn init(out: &Path, plan: &InitPlan) -> Result<InitReport, InitError> {
-    if ![1, 3, 5].contains(&plan.coordinators) {
+    let addresses = plan.coordinators.clone();
+    if ![1, 3, 5].contains(&addresses.len()) {
         return Err(InitError::Invalid(format!(
             "a cluster has 1, 3 or 5 coordinators, not {}",
-            plan.coordinators
+            addresses.len()
         )));
     }
-    let addresses: Vec<SocketAddr> = (0..plan.coordinators)
-        .map(|i| {
-            let port = plan
-                .first_addr
-                .port()
-                .checked_add(i as u16)
-                .ok_or_else(|| {
-                    InitError::Invalid(format!("ports from {} run past 65535", plan.first_addr))
-                })?;
-            Ok(SocketAddr::new(plan.first_addr.ip(), port))
-        })
-        .collect::<Result<_, InitError>>()?;
+    let distinct: std::collections::BTreeSet<&SocketAddr> = addresses.iter().collect();
+    if distinct.len() != addresses.len() {
+        return Err(InitError::Invalid(format!(
+            "coordinator addresses must be distinct: {addresses:?}"
+        )));
+    }
     let coordinators: Vec<(String, String)> = addresses
         .iter()
         .enumerate()
@@ -262,8 +269,7 @@ mod tests {
     fn written_configs_load_and_name_their_certificates() {
         let dir = tempfile::tempdir().unwrap();
         let plan = InitPlan {
-            coordinators: 3,
-            first_addr: "127.0.0.1:7400".parse().unwrap(),
+            coordinators: consecutive(3, "127.0.0.1:7400".parse().unwrap()).unwrap(),
             workers: 2,
             clients: 1,
         };
@@ -283,23 +289,41 @@ mod tests {
         assert!(dir.path().join("pki/client-client1.key").exists());
         let token = std::fs::read_to_string(&report.token_file).unwrap();
         assert_eq!(token.trim().len(), 64);
-        let err = init(
-            dir.path(),
-            &InitPlan {
-                coordinators: 2,
-                ..plan
-            },
-        )
-        .unwrap_err();
+        let two = InitPlan {
+            coordinators: plan.coordinators[..2].to_vec(),
+            ..plan.clone()
+        };
+        let err = init(dir.path(), &two).unwrap_err();
         assert!(err.to_string().contains("1, 3 or 5"), "{err}");
+        let same = InitPlan {
+            coordinators: vec![plan.coordinators[0]; 3],
+            ..plan.clone()
+        };
+        let err = init(dir.path(), &same).unwrap_err();
+        assert!(err.to_string().contains("distinct"), "{err}");
+        let err = consecutive(3, "127.0.0.1:65534".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("past 65535"), "{err}");
+
+        // One host per coordinator: each certificate names its own address.
+        let hosts = tempfile::tempdir().unwrap();
+        let spread = InitPlan {
+            coordinators: ["10.0.0.1:7101", "10.0.0.2:7101", "10.0.0.3:7101"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            ..plan
+        };
+        let report = init(hosts.path(), &spread).unwrap();
+        let c3 = CoordinatorConfig::load(&report.coordinator_configs[2]).unwrap();
+        assert_eq!(c3.listen.to_string(), "10.0.0.3:7101");
+        assert_eq!(c3.peers[1].addr.to_string(), "10.0.0.2:7101");
     }
 
     #[test]
     fn a_joining_coordinator_gets_the_next_id_a_certificate_and_the_peers() {
         let dir = tempfile::tempdir().unwrap();
         let plan = InitPlan {
-            coordinators: 3,
-            first_addr: "127.0.0.1:7400".parse().unwrap(),
+            coordinators: consecutive(3, "127.0.0.1:7400".parse().unwrap()).unwrap(),
             workers: 1,
             clients: 0,
         };

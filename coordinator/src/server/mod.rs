@@ -489,6 +489,9 @@ fn start_node(
                 removed: node.is_removed(),
             };
             view_tx.send_if_modified(|old| {
+                if old.role != view.role && old.term > 0 {
+                    tracing::info!(node = id, from = old.role, to = view.role, term = view.term, leader = ?view.leader, "raft role changed");
+                }
                 let changed = *old != view;
                 *old = view;
                 changed
