@@ -360,12 +360,29 @@ fn a_build_spreads_its_independent_stages_over_two_workers() {
     std::fs::write(ctx.path().join("hello.txt"), "from the client's context\n")
         .expect("context file");
     let out = cluster.dir.path().join("out");
+    let name = format!("{}/team/spread:1", registry.addr());
     let (ok, log) = cluster.build(
         ctx.path(),
-        &["--output", &format!("type=local,dest={}", out.display())],
+        &[
+            "--output",
+            &format!("type=local,dest={}", out.display()),
+            "--output",
+            &format!("type=image,name={name},push=true"),
+        ],
     );
     let _ = (w1.kill(), w2.kill(), w1.wait(), w2.wait());
     assert!(ok, "{log}\n{}", cluster.logs());
+    // Pushed as in embedded mode: the registry serves it with its layers.
+    assert!(log.contains(&format!("pushed {name}@sha256:")), "{log}");
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", &format!("docker://{name}")])
+        .output()
+        .expect("skopeo");
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success() && text.contains("\"Layers\""),
+        "{text}"
+    );
     assert_eq!(
         std::fs::read_to_string(out.join("l")).unwrap_or_default(),
         "left\n"
@@ -921,7 +938,8 @@ fn coordinators_are_added_and_removed_through_raft() {
     let (ok, text) = cluster.coordinator_cmd(&add, true);
     assert!(ok, "{text}\n{}", cluster.logs());
     assert!(
-        text.contains("added as a voter") && text.contains("voters: [1, 2, 3, 4]"),
+        text.contains("added as a voter; 4 voters, tolerating 1 failed")
+            && text.contains("voters: [1, 2, 3, 4]"),
         "{text}"
     );
     cluster.wait_until("c4 following the leader", 30, |c| {
@@ -939,7 +957,7 @@ fn coordinators_are_added_and_removed_through_raft() {
     let id = (old + 1).to_string();
     let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", &id], true);
     assert!(ok, "{text}\n{}", cluster.logs());
-    assert!(text.contains("3 voters remain"), "{text}");
+    assert!(text.contains("3 voters, tolerating 1 failed"), "{text}");
     let mut removed = cluster.children[old].take().expect("the old leader runs");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {

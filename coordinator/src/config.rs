@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use strata_shared::config::{self, ConfigError};
 
 /// `strata coordinator --config FILE`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -108,52 +109,26 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// A configuration that cannot be used, saying which file and what.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
-
 impl CoordinatorConfig {
     /// Reads and checks a configuration file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        })
+        config::load(path, Self::parse)
     }
 
     /// Parses a configuration; relative paths are taken relative to `base`.
     pub fn parse(text: &str, base: &Path) -> Result<CoordinatorConfig, String> {
         let mut c: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        for p in [
-            &mut c.data_dir,
-            &mut c.store,
-            &mut c.tls.ca,
-            &mut c.tls.cert,
-            &mut c.tls.key,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-        if let Some(t) = &mut c.tls.client_tokens
-            && t.is_relative()
-        {
-            *t = base.join(&*t);
-        }
+        config::resolve(
+            base,
+            [
+                &mut c.data_dir,
+                &mut c.store,
+                &mut c.tls.ca,
+                &mut c.tls.cert,
+                &mut c.tls.key,
+            ],
+        );
+        config::resolve(base, c.tls.client_tokens.as_mut());
         c.check()?;
         Ok(c)
     }

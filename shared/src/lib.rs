@@ -16,6 +16,7 @@
 //! - [`wire`]: the messages between nodes, as rkyv archives in versioned frames on quinn streams.
 
 pub mod cachekey;
+pub mod config;
 pub mod dag;
 pub mod dockerfile;
 pub mod job;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use strata_shared::config::{self, ConfigError};
 
 /// The default heartbeat interval, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
@@ -63,47 +64,25 @@ fn default_heartbeat_ms() -> u64 {
     DEFAULT_HEARTBEAT_MS
 }
 
-/// A configuration that cannot be used, saying which file and what.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
-
 impl WorkerConfig {
     /// Reads and checks a configuration file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        })
+        config::load(path, Self::parse)
     }
 
     /// Parses a configuration; relative paths are taken relative to `base`.
     pub fn parse(text: &str, base: &Path) -> Result<WorkerConfig, String> {
         let mut c: WorkerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        for p in [
-            &mut c.data_dir,
-            &mut c.store,
-            &mut c.tls.ca,
-            &mut c.tls.cert,
-            &mut c.tls.key,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        config::resolve(
+            base,
+            [
+                &mut c.data_dir,
+                &mut c.store,
+                &mut c.tls.ca,
+                &mut c.tls.cert,
+                &mut c.tls.key,
+            ],
+        );
         c.check()?;
         Ok(c)
     }

@@ -131,8 +131,10 @@ async fn add(
         .await
         .map_err(|e| propose_error(shared, e))?;
     tracing::info!(node = id, %name, %addr, "coordinator promoted to voter");
+    let voters = shared.node.view().voters.len();
     Ok(format!(
-        "coordinator {id} ({name} at {addr}) added as a voter"
+        "coordinator {id} ({name} at {addr}) added as a voter; {}",
+        tolerance(voters)
     ))
 }
 
@@ -173,7 +175,20 @@ async fn remove(shared: &Shared, id: u64) -> Result<String, CoordinatorToClient>
     tracing::info!(node = id, %name, "coordinator removed");
     let voters = view.voters.iter().filter(|v| **v != id).count();
     Ok(format!(
-        "coordinator {id} ({name}) removed; {voters} voters remain, tolerating {} failed",
-        (voters - 1) / 2
+        "coordinator {id} ({name}) removed; {}",
+        tolerance(voters)
     ))
+}
+
+/// How many coordinators a group of `voters` can lose and still commit.
+fn tolerance(voters: usize) -> String {
+    let failures = voters.saturating_sub(1) / 2;
+    let mut text = format!("{voters} voters, tolerating {failures} failed");
+    if voters > 0 && voters.is_multiple_of(2) {
+        text.push_str(&format!(
+            " (no more than {} voters would: add or remove one more)",
+            voters - 1
+        ));
+    }
+    text
 }
