@@ -891,6 +891,23 @@ impl Cluster {
         )
     }
 
+    /// Waits (at most 30 s) for coordinator `i` to stop by itself, cleanly.
+    fn wait_stopped(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("the coordinator runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("c{} did not stop:\n{}", i + 1, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "c{} stops cleanly: {status}", i + 1);
+    }
+
     /// The coordinators `strata status` lists when asked at node `i`: (id, state) pairs.
     fn members_seen_by(&self, i: usize) -> Vec<(u64, String)> {
         let text = self.status(i).unwrap_or_default();
@@ -958,20 +975,7 @@ fn coordinators_are_added_and_removed_through_raft() {
     let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", &id], true);
     assert!(ok, "{text}\n{}", cluster.logs());
     assert!(text.contains("3 voters, tolerating 1 failed"), "{text}");
-    let mut removed = cluster.children[old].take().expect("the old leader runs");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Ok(Some(status)) = removed.try_wait() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the removed coordinator did not stop:\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "it stops cleanly: {status}");
+    cluster.wait_stopped(old);
     assert!(
         cluster
             .log_of(&leader)
@@ -993,17 +997,54 @@ fn coordinators_are_added_and_removed_through_raft() {
             == left
     });
 
+    // A follower removed: the leader stops writing to it before it could apply its own
+    // removal, so it is told, and stops too.
+    let current = index_of(&cluster.leader_seen_by(survivor));
+    let follower = (0..3)
+        .find(|i| *i != old && *i != current)
+        .expect("an initial follower");
+    let (ok, text) =
+        cluster.coordinator_cmd(&["remove", "--id", &(follower + 1).to_string()], true);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert!(text.contains("2 voters, tolerating 0 failed"), "{text}");
+    cluster.wait_stopped(follower);
+    assert!(
+        cluster
+            .log_of(&format!("c{}", follower + 1))
+            .contains("a member reports that this coordinator was removed"),
+        "{}",
+        cluster.logs()
+    );
+    let mut left = vec![current as u64 + 1, 4];
+    left.sort_unstable();
+    left.dedup();
+    cluster.wait_until("the group of two", 30, |c| {
+        c.members_seen_by(current)
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>()
+            == left
+    });
+
     // A removed id is never used again.
     let old_addr = cluster.addrs[old].clone();
     let again = ["add", "--id", &id, "--name", &leader, "--addr", &old_addr];
     let (ok, text) = cluster.coordinator_cmd(&again, true);
     assert!(!ok && text.contains("ids are never reused"), "{text}");
 
-    // The added node restarts from its own store and follows the current leader.
-    let current = cluster.leader_seen_by(survivor);
+    // The added node restarts from its own store and the two elect a leader again.
     cluster.kill(3);
     cluster.start(3);
     cluster.wait_until("c4 back after a restart", 30, |c| {
-        c.leader_seen_by(3) == current
+        c.status(3)
+            .is_ok_and(|t| t.lines().next().is_some_and(|l| l.contains("leader: c")))
     });
+    assert_eq!(
+        cluster
+            .members_seen_by(3)
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        left
+    );
 }

@@ -103,7 +103,10 @@ type Inspect = Box<dyn FnOnce(&RaftNode<ClusterState>) + Send>;
 type Reply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
 
 enum Request {
-    Step(Vec<u8>),
+    /// A Raft message from peer `from`.
+    Step(u64, Vec<u8>),
+    /// A member says this node was removed from the group.
+    Removed(wire::RemovedNotice),
     Unreachable(u64),
     /// A snapshot message to the peer was delivered, or not.
     SnapshotSent(u64, bool),
@@ -386,8 +389,16 @@ fn start_node(
     let requests = tx.clone();
     let task_book = book.clone();
     tokio::spawn(async move {
-        let book = task_book;
-        let mut senders: HashMap<u64, mpsc::Sender<(Vec<u8>, bool)>> = HashMap::new();
+        let mut peers = PeerSenders {
+            senders: HashMap::new(),
+            book: task_book,
+            dialer,
+            me: id,
+            my_name: name,
+            requests,
+            noticed: HashMap::new(),
+        };
+        let mut told_removed = false;
         let mut ticker = tokio::time::interval(tick_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut waiting: HashMap<raft::ProposalId, Reply> = HashMap::new();
@@ -398,9 +409,18 @@ fn start_node(
                 request = rx.recv() => {
                     let Some(request) = request else { break };
                     match request {
-                        Request::Step(bytes) => {
-                            if let Err(e) = node.step_bytes(&bytes) {
+                        Request::Step(from, bytes) => {
+                            if is_retired(&node, from) {
+                                peers.tell_removed(from, node.applied_index());
+                            } else if let Err(e) = node.step_bytes(&bytes) {
                                 tracing::debug!(error = %e, "raft message refused");
+                            }
+                        }
+                        Request::Removed(notice) => {
+                            let conf = node.conf_state();
+                            if notice.removed == id && notice.from != id && conf.voters.contains(&notice.from) && !told_removed {
+                                tracing::warn!(node = id, by = notice.from, at = notice.applied_index, "a member reports that this coordinator was removed from the cluster");
+                                told_removed = true;
                             }
                         }
                         Request::Unreachable(to) => node.report_unreachable(to),
@@ -424,43 +444,36 @@ fn start_node(
             }
             if node.state_machine().0.coordinators() != &recorded {
                 recorded = node.state_machine().0.coordinators().clone();
-                let mut b = book.lock().unwrap_or_else(|e| e.into_inner());
+                let mut b = peers.book.lock().unwrap_or_else(|e| e.into_inner());
                 *b = address_book(&configured, &recorded);
             }
             let conf = node.conf_state();
             // A joining node knows no members until its first snapshot; it answers whoever
             // writes to it.
             if !conf.voters.is_empty() {
-                senders
-                    .retain(|peer, _| conf.voters.contains(peer) || conf.learners.contains(peer));
+                let gone: Vec<u64> = peers
+                    .senders
+                    .keys()
+                    .filter(|p| !conf.voters.contains(p) && !conf.learners.contains(p))
+                    .copied()
+                    .collect();
+                for peer in gone {
+                    // The leader stops writing to a removed node before it could apply its
+                    // own removal: tell it, then let its sender go.
+                    if is_retired(&node, peer) {
+                        peers.tell_removed(peer, node.applied_index());
+                    }
+                    peers.senders.remove(&peer);
+                }
             }
             for out in node.take_outgoing() {
                 let snapshot = out.is_snapshot();
-                let sender = match senders.get(&out.to) {
-                    Some(s) => Some(s.clone()),
-                    None => {
-                        let peer = book
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get(&out.to)
-                            .cloned();
-                        peer.map(|peer| {
-                            let (ptx, prx) = mpsc::channel(PEER_QUEUE);
-                            tokio::spawn(peer_sender(
-                                dialer.clone(),
-                                peer,
-                                id,
-                                name.clone(),
-                                prx,
-                                requests.clone(),
-                            ));
-                            senders.insert(out.to, ptx.clone());
-                            ptx
-                        })
-                    }
-                };
-                let sent = sender.is_some_and(|s| s.try_send((out.encode(), snapshot)).is_ok());
-                if !sent {
+                let msg = PeerMsg::Raft(RaftMessage {
+                    from: id,
+                    to: out.to,
+                    bytes: out.encode(),
+                });
+                if !peers.send(out.to, msg, snapshot) {
                     node.report_unreachable(out.to);
                     if snapshot {
                         node.report_snapshot(out.to, false);
@@ -486,7 +499,7 @@ fn start_node(
                 },
                 voters: sorted(&conf.voters),
                 learners: sorted(&conf.learners),
-                removed: node.is_removed(),
+                removed: node.is_removed() || told_removed,
             };
             view_tx.send_if_modified(|old| {
                 if old.role != view.role && old.term > 0 {
@@ -532,18 +545,93 @@ fn track(
     }
 }
 
-/// Delivers Raft messages to one peer: one connection, kept or redialled, one stream per
-/// message.
+/// Whether `peer` was removed from the group: retired in the replicated state and no longer a
+/// member here.
+fn is_retired(node: &RaftNode<ClusterState>, peer: u64) -> bool {
+    let conf = node.conf_state();
+    !conf.voters.is_empty()
+        && !conf.voters.contains(&peer)
+        && !conf.learners.contains(&peer)
+        && node
+            .state_machine()
+            .0
+            .coordinators()
+            .get(&peer)
+            .is_some_and(|c| c.retired)
+}
+
+/// The Raft task's senders, one per peer, started on the first message to a peer whose address
+/// is known.
+struct PeerSenders {
+    senders: HashMap<u64, mpsc::Sender<(PeerMsg, bool)>>,
+    book: AddressBook,
+    dialer: quinn::Endpoint,
+    me: u64,
+    my_name: String,
+    requests: mpsc::Sender<Request>,
+    /// When each removed node was last told so.
+    noticed: HashMap<u64, Instant>,
+}
+
+impl PeerSenders {
+    /// Queues `msg` (a snapshot when `snapshot`) for `to`; false when it cannot be.
+    fn send(&mut self, to: u64, msg: PeerMsg, snapshot: bool) -> bool {
+        if !self.senders.contains_key(&to) {
+            let Some(peer) = self
+                .book
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&to)
+                .cloned()
+            else {
+                return false;
+            };
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(peer_sender(
+                self.dialer.clone(),
+                peer,
+                self.my_name.clone(),
+                rx,
+                self.requests.clone(),
+            ));
+            self.senders.insert(to, tx);
+        }
+        self.senders
+            .get(&to)
+            .is_some_and(|s| s.try_send((msg, snapshot)).is_ok())
+    }
+
+    /// Tells a removed node it was removed (at most every two seconds).
+    fn tell_removed(&mut self, peer: u64, applied_index: u64) {
+        if self
+            .noticed
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.noticed.insert(peer, Instant::now());
+        let notice = PeerMsg::Removed(wire::RemovedNotice {
+            from: self.me,
+            removed: peer,
+            applied_index,
+        });
+        if self.send(peer, notice, false) {
+            tracing::info!(node = self.me, removed = peer, "told a removed coordinator");
+        }
+    }
+}
+
+/// Delivers messages to one peer: one connection, kept or redialled, one stream per message.
 async fn peer_sender(
     dialer: quinn::Endpoint,
     peer: Peer,
-    me: u64,
     my_name: String,
-    mut rx: mpsc::Receiver<(Vec<u8>, bool)>,
+    mut rx: mpsc::Receiver<(PeerMsg, bool)>,
     node: mpsc::Sender<Request>,
 ) {
     let mut conn: Option<quinn::Connection> = None;
-    while let Some((bytes, snapshot)) = rx.recv().await {
+    while let Some((msg, snapshot)) = rx.recv().await {
         if conn.as_ref().is_none_or(|c| c.close_reason().is_some()) {
             conn = dial_peer(&dialer, &peer, &my_name).await;
         }
@@ -557,17 +645,19 @@ async fn peer_sender(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let msg = PeerMsg::Raft(RaftMessage {
-            from: me,
-            to: peer.id,
-            bytes,
-        });
+        let notice = matches!(msg, PeerMsg::Removed(_));
         let sent = async {
             let mut stream = c.open_uni().await.map_err(|e| e.to_string())?;
             wire::write_frame(&mut stream, &msg)
                 .await
                 .map_err(|e| e.to_string())?;
-            stream.finish().map_err(|e| e.to_string())
+            stream.finish().map_err(|e| e.to_string())?;
+            // A notice is often the last message before this sender (and its connection)
+            // goes away: see it read before the connection closes.
+            if notice {
+                let _ = tokio::time::timeout(Duration::from_secs(2), stream.stopped()).await;
+            }
+            Ok::<_, String>(())
         }
         .await;
         if snapshot {
@@ -628,8 +718,14 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<()
             while let Ok(mut stream) = conn.accept_uni().await {
                 let node = shared.node.clone();
                 tokio::spawn(async move {
-                    if let Ok(PeerMsg::Raft(m)) = wire::read_frame::<PeerMsg>(&mut stream).await {
-                        let _ = node.tx.send(Request::Step(m.bytes)).await;
+                    match wire::read_frame::<PeerMsg>(&mut stream).await {
+                        Ok(PeerMsg::Raft(m)) => {
+                            let _ = node.tx.send(Request::Step(m.from, m.bytes)).await;
+                        }
+                        Ok(PeerMsg::Removed(notice)) => {
+                            let _ = node.tx.send(Request::Removed(notice)).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "unreadable peer message"),
                     }
                 });
             }

@@ -75,6 +75,21 @@ pub struct Refused {
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum PeerMsg {
     Raft(RaftMessage),
+    /// The group no longer has the recipient: the sender applied the committed membership
+    /// change that removed it. A removed node never applies that change itself (the leader
+    /// stops writing to it), so it learns of it from this notice and stops.
+    Removed(RemovedNotice),
+}
+
+/// See [`PeerMsg::Removed`].
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct RemovedNotice {
+    /// Raft id of the sender (a member).
+    pub from: u64,
+    /// Raft id of the removed node.
+    pub removed: u64,
+    /// The sender's applied log index, at or after the removal.
+    pub applied_index: u64,
 }
 
 /// One raft-rs message.

@@ -185,6 +185,11 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             to: 0,
             bytes: Vec::new(),
         }),
+        PeerMsg::Removed(RemovedNotice {
+            from: 2,
+            removed: 1,
+            applied_index: 42,
+        }),
     ];
     for msg in &peers {
         assert_eq!(&round_trip(&client_conn, "PeerMsg", msg).await, msg);
