@@ -331,8 +331,15 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 "  term {} commit {} applied {}",
                 n.term, n.commit_index, n.applied_index
             )
+        } else if n.commit_index > 0 {
+            format!("  replicated {}", n.commit_index)
         } else {
             String::new()
+        };
+        let detail = if n.reachable {
+            detail
+        } else {
+            format!("{detail}  (not heard from)")
         };
         let _ = writeln!(
             out,

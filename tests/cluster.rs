@@ -198,6 +198,14 @@ fn three_coordinators_elect_fail_over_and_restart() {
         );
     }
 
+    // The leader knows how far each follower has replicated.
+    let seen = cluster.status(index_of(&leader)).unwrap_or_default();
+    let followers = seen
+        .lines()
+        .filter(|l| l.contains(" Follower  replicated "))
+        .count();
+    assert_eq!(followers, 2, "{seen}");
+
     // The leader dies: the two others elect a new one.
     let old = index_of(&leader);
     cluster.kill(old);

@@ -473,6 +473,14 @@ impl<S: StateMachine> RaftNode<S> {
         self.raw.raft.prs().get(peer).map(|p| p.matched)
     }
 
+    /// On the leader: whether `peer` has been heard from within the last election timeout.
+    pub fn recently_active(&self, peer: u64) -> Option<bool> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().get(peer).map(|p| p.recent_active)
+    }
+
     /// True once this node applied a membership change removing it; the caller should stop it.
     pub fn is_removed(&self) -> bool {
         self.removed

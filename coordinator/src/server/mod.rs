@@ -1401,6 +1401,18 @@ async fn status(shared: &Shared) -> StatusReply {
         members.extend(config.peers.iter().map(|p| p.id));
     }
     members.insert(config.node_id);
+    // The leader knows how far each member has replicated and whether it is heard from.
+    let asked: Vec<u64> = members.iter().copied().collect();
+    let progress: BTreeMap<u64, (u64, bool)> = shared
+        .node
+        .inspect(move |n| {
+            asked
+                .iter()
+                .filter_map(|m| Some((*m, (n.matched(*m)?, n.recently_active(*m)?))))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
     let nodes = members
         .into_iter()
         .map(|id| {
@@ -1419,9 +1431,12 @@ async fn status(shared: &Shared) -> StatusReply {
                 RaftState::Leader
             } else if view.learners.contains(&id) {
                 RaftState::Learner
+            } else if progress.contains_key(&id) {
+                RaftState::Follower
             } else {
                 RaftState::Unknown
             };
+            let (matched, active) = progress.get(&id).copied().unwrap_or((0, false));
             let peer = shared.node.peer(id);
             NodeStatus {
                 id,
@@ -1431,9 +1446,10 @@ async fn status(shared: &Shared) -> StatusReply {
                 addr: peer.map_or_else(|| "unknown".into(), |p| p.addr.to_string()),
                 state,
                 term: if me { view.term } else { 0 },
-                commit_index: if me { view.commit_index } else { 0 },
+                // Of another member: what it holds, as far as the leader knows.
+                commit_index: if me { view.commit_index } else { matched },
                 applied_index: if me { view.applied_index } else { 0 },
-                reachable: me || view.leader.is_some(),
+                reachable: me || active || (progress.is_empty() && view.leader.is_some()),
             }
         })
         .collect();
