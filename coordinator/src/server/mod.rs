@@ -548,16 +548,16 @@ fn track(
 /// Whether `peer` was removed from the group: retired in the replicated state and no longer a
 /// member here.
 fn is_retired(node: &RaftNode<ClusterState>, peer: u64) -> bool {
-    let conf = node.conf_state();
-    !conf.voters.is_empty()
-        && !conf.voters.contains(&peer)
-        && !conf.learners.contains(&peer)
-        && node
-            .state_machine()
-            .0
-            .coordinators()
-            .get(&peer)
-            .is_some_and(|c| c.retired)
+    let retired = node
+        .state_machine()
+        .0
+        .coordinators()
+        .get(&peer)
+        .is_some_and(|c| c.retired);
+    retired && {
+        let conf = node.conf_state();
+        !conf.voters.is_empty() && !conf.voters.contains(&peer) && !conf.learners.contains(&peer)
+    }
 }
 
 /// The Raft task's senders, one per peer, started on the first message to a peer whose address
