@@ -400,6 +400,7 @@ async fn build_remote(
         token: args.token.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),
+        learnt: Default::default(),
     };
     let store = BlobStore::local(&store_dir).context("opening the cluster's blob store")?;
     let scratch = state.join("tmp");

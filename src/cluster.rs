@@ -225,13 +225,29 @@ fn change_membership(args: &ClientArgs, request: MembershipRequest) -> Result<()
 }
 
 /// How a client reaches and authenticates to a cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterAccess {
     pub coordinators: Vec<SocketAddr>,
     pub ca: PathBuf,
     pub token: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The group's members as the last coordinator reached named them: dialled first, so that
+    /// a long build outlives the replacement of the coordinators it was given.
+    pub learnt: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+}
+
+impl ClusterAccess {
+    /// The members learnt, then the configured coordinators that are not among them.
+    fn addresses(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.learnt.lock().map(|l| l.clone()).unwrap_or_default();
+        for a in &self.coordinators {
+            if !addrs.contains(a) {
+                addrs.push(*a);
+            }
+        }
+        addrs
+    }
 }
 
 impl From<&ClientArgs> for ClusterAccess {
@@ -242,6 +258,7 @@ impl From<&ClientArgs> for ClusterAccess {
             token: a.token.clone(),
             cert: a.cert.clone(),
             key: a.key.clone(),
+            learnt: Default::default(),
         }
     }
 }
@@ -249,7 +266,7 @@ impl From<&ClientArgs> for ClusterAccess {
 /// A connection to one of the coordinators, after the hello: the leader when the first node
 /// that answers names one.
 async fn connect(args: &ClusterAccess) -> Result<(quinn::Connection, SocketAddr)> {
-    let (conn, addr, leader) = connect_any(args, &args.coordinators).await?;
+    let (conn, addr, leader) = connect_any(args, &args.addresses()).await?;
     if let Some(leader) = leader.filter(|l| *l != addr)
         && let Ok((conn, addr, _)) = connect_any(args, &[leader]).await
     {
@@ -294,6 +311,16 @@ async fn connect_any(
                 token: args.token.clone(),
             };
             let welcome = wire::send_hello(&conn, &hello).await?;
+            let members: Vec<SocketAddr> = welcome
+                .members
+                .iter()
+                .filter_map(|m| m.parse().ok())
+                .collect();
+            if !members.is_empty()
+                && let Ok(mut learnt) = args.learnt.lock()
+            {
+                *learnt = members;
+            }
             Ok::<_, anyhow::Error>((conn, welcome.leader.as_deref().and_then(leader_addr)))
         };
         match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {

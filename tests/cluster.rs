@@ -977,44 +977,33 @@ fn coordinators_are_added_and_removed_through_raft() {
         .collect();
     assert_eq!(ids, [1, 2, 3, 4]);
 
-    // The leader removed: it hands leadership over and its process stops by itself.
+    // A worker configured with one coordinator only, a follower about to be removed: it
+    // learns the members when it registers.
     let old = index_of(&leader);
-    let id = (old + 1).to_string();
-    let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", &id], true);
-    assert!(ok, "{text}\n{}", cluster.logs());
-    assert!(text.contains("3 voters, tolerating 1 failed"), "{text}");
-    cluster.wait_stopped(old);
-    assert!(
-        cluster
-            .log_of(&leader)
-            .contains("removed from the cluster; stopping")
-    );
+    let follower = (old + 1) % 3;
+    let w1 = cluster.dir.path().join("worker-w1.toml");
+    let text = std::fs::read_to_string(&w1).expect("worker config");
+    let listed: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("coordinators = ") {
+                format!("coordinators = [\"{}\"]", cluster.addrs[follower])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&w1, listed).expect("worker config");
+    let mut worker = cluster.start_worker("w1");
+    cluster.wait_for_workers(1);
 
-    // The three left elect a leader among themselves and list only themselves.
-    let survivor = (0..4).find(|i| *i != old).unwrap_or(3);
-    cluster.wait_until("a new leader among the three left", 30, |c| {
-        c.leader_seen_by(survivor) != leader
-    });
-    let mut left: Vec<u64> = (1..=4).filter(|n| *n != old as u64 + 1).collect();
-    left.sort_unstable();
-    cluster.wait_until("the group of three", 30, |c| {
-        c.members_seen_by(survivor)
-            .iter()
-            .map(|m| m.0)
-            .collect::<Vec<_>>()
-            == left
-    });
-
-    // A follower removed: the leader stops writing to it before it could apply its own
-    // removal, so it is told, and stops too.
-    let current = index_of(&cluster.leader_seen_by(survivor));
-    let follower = (0..3)
-        .find(|i| *i != old && *i != current)
-        .expect("an initial follower");
+    // The follower removed: the leader stops writing to it before it could apply its own
+    // removal, so the members tell it, and it stops.
     let (ok, text) =
         cluster.coordinator_cmd(&["remove", "--id", &(follower + 1).to_string()], true);
     assert!(ok, "{text}\n{}", cluster.logs());
-    assert!(text.contains("2 voters, tolerating 0 failed"), "{text}");
+    assert!(text.contains("3 voters, tolerating 1 failed"), "{text}");
     cluster.wait_stopped(follower);
     assert!(
         cluster
@@ -1023,16 +1012,52 @@ fn coordinators_are_added_and_removed_through_raft() {
         "{}",
         cluster.logs()
     );
-    let mut left = vec![current as u64 + 1, 4];
+
+    // The leader removed: it hands leadership over and its process stops by itself.
+    let id = (old + 1).to_string();
+    let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", &id], true);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert!(text.contains("2 voters, tolerating 0 failed"), "{text}");
+    cluster.wait_stopped(old);
+    assert!(
+        cluster
+            .log_of(&leader)
+            .contains("removed from the cluster; stopping")
+    );
+
+    // The two left elect a leader between themselves and list only themselves.
+    let survivor = 3;
+    cluster.wait_until("a new leader between the two left", 30, |c| {
+        c.leader_seen_by(survivor) != leader
+    });
+    let mut left: Vec<u64> = (1..=4)
+        .filter(|n| *n != old as u64 + 1 && *n != follower as u64 + 1)
+        .collect();
     left.sort_unstable();
-    left.dedup();
     cluster.wait_until("the group of two", 30, |c| {
-        c.members_seen_by(current)
+        c.members_seen_by(survivor)
             .iter()
             .map(|m| m.0)
             .collect::<Vec<_>>()
             == left
     });
+
+    // The worker followed the old leader's redirect. Cut off long enough to lose that
+    // connection too (frozen past the 4 s idle timeout), it finds the leader again among the
+    // members it learnt: the one coordinator it was configured with is gone.
+    let registered = |c: &Cluster| c.log_of("w1").matches("registered with the leader").count();
+    cluster.wait_until("the worker registered with the new leader", 30, |c| {
+        registered(c) >= 2
+    });
+    let before = registered(&cluster);
+    let pid = worker.id().to_string();
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    std::thread::sleep(Duration::from_secs(6));
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    cluster.wait_until("the worker registered from the learnt members", 30, |c| {
+        registered(c) > before
+    });
+    let _ = (worker.kill(), worker.wait());
 
     // A removed id is never used again.
     let old_addr = cluster.addrs[old].clone();

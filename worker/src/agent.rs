@@ -256,6 +256,26 @@ struct Dialer {
 }
 
 impl Dialer {
+    /// Takes in the members a coordinator named: they come first, then the configured
+    /// addresses that are not among them (one may be down, or not yet added). A coordinator
+    /// that names none (one still joining) changes nothing.
+    fn learn(&mut self, members: &[SocketAddr], configured: &[SocketAddr]) {
+        if members.is_empty() {
+            return;
+        }
+        let mut addresses: Vec<SocketAddr> = members.to_vec();
+        for a in configured {
+            if !addresses.contains(a) {
+                addresses.push(*a);
+            }
+        }
+        if addresses != self.addresses {
+            tracing::info!(coordinators = ?addresses, "the coordinators to dial, as the cluster names them");
+            self.addresses = addresses;
+            self.next = 0;
+        }
+    }
+
     fn next_addr(&mut self) -> Option<SocketAddr> {
         let addr = self
             .addresses
@@ -707,7 +727,9 @@ impl Agent {
         let mut generation = 0u64;
         let mut hint = None;
         loop {
-            let (conn, coordinator) = self.connect_to_leader(&mut dialer, hint.take()).await;
+            let (conn, coordinator, members) =
+                self.connect_to_leader(&mut dialer, hint.take()).await;
+            dialer.learn(&members, &self.coordinators);
             generation += 1;
             let live = Live {
                 conn,
@@ -744,7 +766,7 @@ impl Agent {
         &self,
         dialer: &mut Dialer,
         mut hint: Option<SocketAddr>,
-    ) -> (quinn::Connection, SocketAddr) {
+    ) -> (quinn::Connection, SocketAddr, Vec<SocketAddr>) {
         let mut backoff = Backoff::new();
         let mut redirects = 0;
         loop {
@@ -754,9 +776,9 @@ impl Agent {
                 continue;
             };
             match self.attempt(addr).await {
-                Ok(conn) => {
+                Ok((conn, members)) => {
                     lock(&self.failures).forget(addr);
-                    return (conn, addr);
+                    return (conn, addr, members);
                 }
                 Err(Attempt::NotLeader(Some(leader))) if redirects < MAX_REDIRECTS => {
                     redirects += 1;
@@ -783,8 +805,12 @@ impl Agent {
         }
     }
 
-    /// One attempt: dial `addr`, say hello, register.
-    async fn attempt(&self, addr: SocketAddr) -> Result<quinn::Connection, Attempt> {
+    /// One attempt: dial `addr`, say hello, register. The connection and the group's members
+    /// as the coordinator named them.
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::Connection, Vec<SocketAddr>), Attempt> {
         let server_name = addr.ip().to_string();
         let conn = tokio::time::timeout(
             REQUEST_TIMEOUT,
@@ -804,8 +830,13 @@ impl Agent {
             Err(e) => return Err(Attempt::Failed(format!("hello: {e}"))),
         };
         tracing::debug!(%addr, node_id = welcome.node_id, term = welcome.term, leader = ?welcome.leader, "welcomed");
+        let members = welcome
+            .members
+            .iter()
+            .filter_map(|m| m.parse().ok())
+            .collect();
         match self.register(&conn).await {
-            Ok(()) => Ok(conn),
+            Ok(()) => Ok((conn, members)),
             Err(failure) => {
                 conn.close(CLOSE_NORMAL, failure.to_string().as_bytes());
                 Err(failure)
@@ -1300,6 +1331,29 @@ mod tests {
             next: 0,
         };
         assert_eq!(empty.next_addr(), None);
+    }
+
+    #[test]
+    fn dialer_puts_the_members_first_and_keeps_the_configured() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let configured = [a("127.0.0.1:1"), a("127.0.0.1:2")];
+        let mut d = Dialer {
+            addresses: configured.to_vec(),
+            next: 1,
+        };
+        d.learn(&[a("127.0.0.1:2"), a("127.0.0.1:4")], &configured);
+        assert_eq!(
+            d.addresses,
+            [a("127.0.0.1:2"), a("127.0.0.1:4"), a("127.0.0.1:1")]
+        );
+        assert_eq!(
+            d.next_addr(),
+            Some(a("127.0.0.1:2")),
+            "a new list starts over"
+        );
+        // A coordinator that names no members (still joining) changes nothing.
+        d.learn(&[], &configured);
+        assert_eq!(d.addresses[1], a("127.0.0.1:4"));
     }
 
     #[test]

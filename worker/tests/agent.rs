@@ -230,6 +230,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
         node_id: 1,
         leader: None,
         term: 1,
+        members: Vec::new(),
     };
     if greeting.welcome(welcome).await.is_err() {
         return;

@@ -711,6 +711,13 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<()
         node_id: shared.config.node_id,
         leader: shared.node.leader_addr(),
         term: view.term,
+        members: view
+            .voters
+            .iter()
+            .chain(&view.learners)
+            .filter_map(|id| shared.node.peer(*id))
+            .map(|p| p.addr.to_string())
+            .collect(),
     };
     let peer: PeerIdentity = greeting.welcome(welcome).await?;
     match peer.role {

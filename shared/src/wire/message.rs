@@ -59,6 +59,9 @@ pub struct Welcome {
     pub leader: Option<String>,
     /// The answering coordinator's current Raft term.
     pub term: u64,
+    /// The addresses (`ip:port`) of the group's members as the answering coordinator knows
+    /// them: workers and clients dial these when their configured ones are gone.
+    pub members: Vec<String>,
 }
 
 /// The dialling node is not let in; the connection is closed after this frame.

@@ -61,6 +61,7 @@ fn welcome() -> Welcome {
         node_id: 1,
         leader: Some("10.0.0.1:7400".into()),
         term: 3,
+        members: vec!["10.0.0.1:7400".into(), "10.0.0.2:7400".into()],
     }
 }
 
@@ -166,6 +167,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             node_id: 2,
             leader: None,
             term: 0,
+            members: Vec::new(),
         }),
         HelloReply::Refused(Refused {
             reason: "invalid token".into(),
