@@ -14,7 +14,8 @@ use strata_shared::wire::{
     CoordinatorToClient, ErrorCode, ErrorReply, MembershipReply, MembershipRequest,
 };
 
-use super::{Shared, bad_request, propose_error};
+use super::Shared;
+use super::clients::{bad_request, propose_error};
 use crate::raft::MembershipChange;
 use crate::state;
 

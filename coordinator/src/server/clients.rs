@@ -1,0 +1,344 @@
+//! Clients' requests: submitting a build (planned and placed here, committed through Raft),
+//! watching its progress, cancelling it, the cluster's status, and membership changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_shared::dag;
+use strata_shared::dockerfile::Dockerfile;
+use strata_shared::dockerfile::stages::BuildOptions;
+use strata_shared::job::Compression;
+use strata_shared::platform::Platform;
+use strata_shared::wire::{
+    self, ClientMsg, CoordinatorToClient, ErrorCode, ErrorReply, NodeStatus, Outcome, RaftState,
+    StatusReply,
+};
+
+use super::{ProposeError, Shared, membership, now_ms};
+use crate::placement::{Emulation, WorkerInfo, place_plan};
+use crate::state;
+
+/// A build as a client submits it to the cluster (the JSON of [`wire::SubmitBuild`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClusterBuildRequest {
+    pub dockerfile: String,
+    /// The build context uploaded to the blob store (`worker::context::upload`).
+    pub context_id: String,
+    pub options: BuildOptions,
+    pub platforms: Vec<Platform>,
+    pub no_cache: bool,
+    pub allow_host_network: bool,
+    pub compression: Compression,
+    /// `allow` or `deny`.
+    pub emulation: String,
+    /// The queue it is fair-shared in.
+    pub tenant: String,
+}
+
+pub(super) async fn client_request(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    auth: wire::AuthMethod,
+) {
+    let msg = match wire::read_frame::<ClientMsg>(&mut recv).await {
+        Ok(m) => m,
+        Err(e) => {
+            let reply = CoordinatorToClient::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                message: e.to_string(),
+            });
+            let _ = wire::write_frame(&mut send, &reply).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let reply = match msg {
+        ClientMsg::Status(_) => CoordinatorToClient::Status(status(&shared).await),
+        ClientMsg::Submit(s) => submit_build(&shared, &s.request_json).await,
+        ClientMsg::Cancel(c) => {
+            if !shared.is_leader() {
+                CoordinatorToClient::NotLeader(shared.not_leader())
+            } else {
+                let cmd = state::Command::CancelBuild {
+                    now_ms: now_ms(),
+                    build: state::BuildId(c.build_id),
+                    reason: "cancelled by the client".into(),
+                };
+                match shared.submit(&cmd).await {
+                    Ok(_) => CoordinatorToClient::Accepted(wire::BuildAccepted {
+                        build_id: c.build_id,
+                    }),
+                    Err(e) => propose_error(&shared, e),
+                }
+            }
+        }
+        ClientMsg::Membership(_) if auth != wire::AuthMethod::Certificate => {
+            CoordinatorToClient::Error(ErrorReply {
+                code: ErrorCode::Forbidden,
+                message: "membership changes need a client certificate of the cluster CA; a token \
+                          only submits and watches builds"
+                    .into(),
+            })
+        }
+        ClientMsg::Membership(change) => membership::change(&shared, change).await,
+        ClientMsg::Watch(w) => {
+            watch_build(&shared, &mut send, w.build_id, w.from_event).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if wire::write_frame(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+pub(super) fn propose_error(shared: &Shared, e: ProposeError) -> CoordinatorToClient {
+    match e {
+        ProposeError::NotLeader { .. } => CoordinatorToClient::NotLeader(shared.not_leader()),
+        ProposeError::NoQuorum => CoordinatorToClient::NoQuorum,
+        ProposeError::Failed(message) => CoordinatorToClient::Error(ErrorReply {
+            code: ErrorCode::Internal,
+            message,
+        }),
+    }
+}
+
+pub(super) fn bad_request(message: String) -> CoordinatorToClient {
+    CoordinatorToClient::Error(ErrorReply {
+        code: ErrorCode::BadRequest,
+        message,
+    })
+}
+
+/// Plans a submitted build and commits it with its jobs.
+async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClient {
+    if !shared.is_leader() {
+        return CoordinatorToClient::NotLeader(shared.not_leader());
+    }
+    let req: ClusterBuildRequest = match serde_json::from_slice(request_json) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("build request: {e}")),
+    };
+    let emulation: Emulation = match req.emulation.parse() {
+        Ok(e) => e,
+        Err(e) => return bad_request(e),
+    };
+    let df = match Dockerfile::parse(&req.dockerfile) {
+        Ok(df) => df,
+        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
+    };
+    let plan = match dag::plan(&df, &req.options, &Platform::host(), &req.platforms) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
+    };
+    // Strict placement against the workers the cluster knows, before anything is committed.
+    let workers = shared
+        .node
+        .query(|s| {
+            s.workers()
+                .filter(|w| w.state == state::WorkerState::Active)
+                .map(|w| WorkerInfo {
+                    name: w.name.clone(),
+                    capabilities: w.capabilities.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+    let mut placed = plan.clone();
+    if let Err(e) = place_plan(&mut placed, &workers, emulation) {
+        return bad_request(e.message);
+    }
+    let cmd = state::Command::SubmitBuild {
+        now_ms: now_ms(),
+        tenant: req.tenant.clone(),
+        request: String::from_utf8_lossy(request_json).into_owned(),
+        plan: state::PlanSummary::from_plan(&plan),
+        policy: state::BuildPolicy {
+            emulation,
+            ..state::BuildPolicy::default()
+        },
+    };
+    match shared.submit(&cmd).await {
+        Ok(state::Response::Submitted { build, .. }) => {
+            tracing::info!(build = %build, stages = plan.instances.len(), "build accepted");
+            CoordinatorToClient::Accepted(wire::BuildAccepted { build_id: build.0 })
+        }
+        Ok(state::Response::Rejected { reason }) => bad_request(reason.to_string()),
+        Ok(other) => bad_request(format!("unexpected response {other:?}")),
+        Err(e) => propose_error(shared, e),
+    }
+}
+
+/// Streams a build's progress events from `from`, then its end.
+async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, mut from: u64) {
+    loop {
+        let fresh: Vec<(u64, Vec<u8>)> = {
+            let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+            events
+                .get(&build)
+                .map(|list| {
+                    list.iter()
+                        .enumerate()
+                        .skip(from as usize)
+                        .map(|(i, e)| (i as u64, e.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for (seq, event_json) in fresh {
+            let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event_json });
+            if wire::write_frame(send, &ev).await.is_err() {
+                return;
+            }
+            from = seq + 1;
+        }
+        let id = state::BuildId(build);
+        let finished = shared
+            .node
+            .query(move |s| {
+                s.build(id).map(|b| match &b.status {
+                    state::BuildStatus::Succeeded => {
+                        Some(Ok(serde_json::to_vec(&b.result).unwrap_or_default()))
+                    }
+                    state::BuildStatus::Failed { error } => Some(Err(error.clone())),
+                    state::BuildStatus::Cancelled { reason } => {
+                        Some(Err(format!("cancelled: {reason}")))
+                    }
+                    _ => None,
+                })
+            })
+            .await;
+        match finished {
+            Some(Some(Some(result))) => {
+                let done = CoordinatorToClient::Done(wire::BuildDone {
+                    build_id: build,
+                    result: match result {
+                        Ok(json) => Outcome::Ok(json),
+                        Err(e) => Outcome::Err(e),
+                    },
+                });
+                let _ = wire::write_frame(send, &done).await;
+                return;
+            }
+            Some(None) => {
+                let _ = wire::write_frame(send, &bad_request(format!("no build {build}"))).await;
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// This node's answer to `strata status`: itself as it sees itself, the other coordinators
+/// as configured (with what this node knows of them), and the replicated queue and workers.
+async fn status(shared: &Shared) -> StatusReply {
+    let config = &shared.config;
+    let view = shared.node.view();
+    let mut members: BTreeSet<u64> = view.voters.iter().chain(&view.learners).copied().collect();
+    if members.is_empty() {
+        // Not initialised yet (a joining node): the configured peers.
+        members.extend(config.peers.iter().map(|p| p.id));
+    }
+    members.insert(config.node_id);
+    // The leader knows how far each member has replicated and whether it is heard from.
+    let asked: Vec<u64> = members.iter().copied().collect();
+    let progress: BTreeMap<u64, (u64, bool)> = shared
+        .node
+        .inspect(move |n| {
+            asked
+                .iter()
+                .filter_map(|m| Some((*m, (n.matched(*m)?, n.recently_active(*m)?))))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+    let nodes = members
+        .into_iter()
+        .map(|id| {
+            let me = id == config.node_id;
+            let state = if me && view.removed {
+                RaftState::Unknown
+            } else if me {
+                match view.role {
+                    "leader" => RaftState::Leader,
+                    "follower" if view.learners.contains(&id) => RaftState::Learner,
+                    "follower" => RaftState::Follower,
+                    "pre-candidate" => RaftState::PreCandidate,
+                    _ => RaftState::Candidate,
+                }
+            } else if view.leader == Some(id) {
+                RaftState::Leader
+            } else if view.learners.contains(&id) {
+                RaftState::Learner
+            } else if progress.contains_key(&id) {
+                RaftState::Follower
+            } else {
+                RaftState::Unknown
+            };
+            let (matched, active) = progress.get(&id).copied().unwrap_or((0, false));
+            let peer = shared.node.peer(id);
+            NodeStatus {
+                id,
+                name: peer
+                    .as_ref()
+                    .map_or_else(|| format!("node {id}"), |p| p.name.clone()),
+                addr: peer.map_or_else(|| "unknown".into(), |p| p.addr.to_string()),
+                state,
+                term: if me { view.term } else { 0 },
+                // Of another member: what it holds, as far as the leader knows.
+                commit_index: if me { view.commit_index } else { matched },
+                applied_index: if me { view.applied_index } else { 0 },
+                reachable: me || active || (progress.is_empty() && view.leader.is_some()),
+            }
+        })
+        .collect();
+    let (workers, queue) = shared
+        .node
+        .query(|s| {
+            let workers = s
+                .workers()
+                .filter(|w| w.state != state::WorkerState::Gone)
+                .map(|w| wire::WorkerStatus {
+                    name: w.name.clone(),
+                    native: w.capabilities.native.iter().map(ToString::to_string).collect(),
+                    emulated: w.capabilities.emulated.iter().map(ToString::to_string).collect(),
+                    capacity: w.capacity,
+                    running: s
+                        .jobs()
+                        .filter(|j| matches!(&j.state, state::JobState::Leased(l) if l.worker == w.name))
+                        .map(|j| j.id.0)
+                        .collect(),
+                    last_seen_ms: 0,
+                    labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })
+                .collect::<Vec<_>>();
+            let queue = s
+                .builds()
+                .filter(|b| !b.status.is_finished())
+                .map(|b| wire::BuildStatus {
+                    build_id: b.id.0,
+                    submitter: b.tenant.clone(),
+                    state: b.status.name().to_string(),
+                    jobs_total: b.jobs.len() as u32,
+                    jobs_done: b
+                        .jobs
+                        .iter()
+                        .filter(|j| matches!(s.job(**j).map(|j| &j.state), Some(state::JobState::Done { .. })))
+                        .count() as u32,
+                    submitted_ms: b.submitted_at_ms,
+                })
+                .collect::<Vec<_>>();
+            (workers, queue)
+        })
+        .await
+        .unwrap_or_default();
+    StatusReply {
+        nodes,
+        leader: shared.node.leader_addr(),
+        workers,
+        queue,
+    }
+}

@@ -1,0 +1,153 @@
+//! What only the leader does, in one loop.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::workers::offer;
+use super::{Shared, now_ms};
+use crate::state;
+
+/// The leader's duties, every few hundred milliseconds: renew the leases of workers that
+/// heartbeat, expire the others' (after a grace period when leadership is new), lease ready
+/// jobs to workers and send them the offers.
+pub(super) async fn leader_loop(shared: Arc<Shared>) {
+    let lease_ms = shared.config.scheduler.lease_ms;
+    let mut leading_since: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let view = shared.node.view();
+        if view.leader != Some(view.id) {
+            leading_since = None;
+            continue;
+        }
+        let since = match leading_since {
+            Some((term, at)) if term == view.term => at,
+            _ => {
+                leading_since = Some((view.term, Instant::now()));
+                Instant::now()
+            }
+        };
+        let now = now_ms();
+        // Renew the leases of live workers that are halfway through theirs.
+        let alive: Vec<String> = {
+            let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers
+                .iter()
+                .filter(|(_, l)| l.last_seen.elapsed() < Duration::from_millis(lease_ms / 2))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let renewals = shared
+            .node
+            .query(move |s| {
+                s.jobs()
+                    .filter_map(|j| match &j.state {
+                        state::JobState::Leased(l)
+                            if alive.contains(&l.worker) && l.deadline_ms < now + lease_ms / 2 =>
+                        {
+                            Some(state::Renewal {
+                                job: j.id,
+                                token: l.token,
+                                deadline_ms: now + lease_ms,
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+        if !renewals.is_empty() {
+            let _ = shared
+                .submit(&state::Command::RenewLeases {
+                    now_ms: now,
+                    leases: renewals,
+                })
+                .await;
+        }
+        // Workers silent for a whole lease are gone: their jobs go back to the queue and no
+        // new lease goes to them until they register again. A new leader first gives them
+        // a lease's time to find it.
+        if since.elapsed() > Duration::from_millis(lease_ms) {
+            let active = shared
+                .node
+                .query(|s| {
+                    s.workers()
+                        .filter(|w| w.state == state::WorkerState::Active)
+                        .map(|w| w.name.clone())
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            let silent: Vec<String> = {
+                let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+                active
+                    .into_iter()
+                    .filter(|name| {
+                        workers
+                            .get(name)
+                            .is_none_or(|l| l.last_seen.elapsed() > Duration::from_millis(lease_ms))
+                    })
+                    .collect()
+            };
+            for name in silent {
+                tracing::warn!(worker = %name, "worker silent for a lease; its jobs go back to the queue");
+                let _ = shared
+                    .submit(&state::Command::RemoveWorker {
+                        now_ms: now,
+                        name,
+                        mode: state::Removal::Gone,
+                    })
+                    .await;
+            }
+        }
+        // Expire the leases of the silent, once a new leader has given them time to return.
+        if since.elapsed() > Duration::from_millis(lease_ms)
+            && let Some(cmd) = shared
+                .node
+                .query(move |s| s.expire_round(now))
+                .await
+                .flatten()
+            && let Ok(resp) = shared.submit(&cmd).await
+        {
+            tracing::info!(?resp, "expired leases");
+        }
+        // Lease ready jobs to the workers connected to this leader and offer them: one that
+        // has not found the new leader yet would only see its offers fail.
+        let term = view.term;
+        let connected: BTreeSet<String> = {
+            let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.keys().cloned().collect()
+        };
+        let Some(Some(cmd)) = shared
+            .node
+            .query(move |s| s.schedule_round_among(term, now, lease_ms, |w| connected.contains(w)))
+            .await
+        else {
+            continue;
+        };
+        let granted = match shared.submit(&cmd).await {
+            Ok(resp) => granted_leases(resp),
+            Err(e) => {
+                tracing::debug!(error = %e, "scheduling round not committed");
+                continue;
+            }
+        };
+        for lease in granted {
+            let shared = shared.clone();
+            tokio::spawn(async move { offer(&shared, lease).await });
+        }
+    }
+}
+
+fn granted_leases(resp: state::Response) -> Vec<state::GrantedLease> {
+    match resp {
+        state::Response::Leases { granted, .. } => granted,
+        state::Response::Batch { responses } => {
+            responses.into_iter().flat_map(granted_leases).collect()
+        }
+        _ => Vec::new(),
+    }
+}

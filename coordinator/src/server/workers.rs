@@ -1,0 +1,308 @@
+//! Workers' connections: registration and heartbeats, job results with their fencing tokens,
+//! progress streams, and the leader's job offers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_shared::job::{ClusterJob, StageJob, StageOutput};
+use strata_shared::platform::Platform;
+use strata_shared::wire::{
+    self, CoordinatorToWorker, ErrorCode, ErrorReply, JobAck, Outcome, WorkerMsg,
+};
+
+use super::clients::ClusterBuildRequest;
+use super::{ProposeError, Shared, WorkerLink, now_ms};
+use crate::state;
+
+/// A worker's connection: its requests on bidirectional streams, its progress on
+/// unidirectional ones.
+pub(super) async fn worker_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    name: String,
+) -> Result<(), wire::WireError> {
+    let progress = {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        tokio::spawn(async move {
+            while let Ok(stream) = conn.accept_uni().await {
+                tokio::spawn(progress_stream(shared.clone(), stream));
+            }
+        })
+    };
+    let result = async {
+        while let Some((mut send, mut recv)) = wire::accept_stream(&conn).await? {
+            let (shared, conn, name) = (shared.clone(), conn.clone(), name.clone());
+            tokio::spawn(async move {
+                let Ok(msg) = wire::read_frame::<WorkerMsg>(&mut recv).await else {
+                    return;
+                };
+                let reply = worker_request(&shared, &conn, &name, msg).await;
+                if wire::write_frame(&mut send, &reply).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
+        }
+        Ok::<(), wire::WireError>(())
+    }
+    .await;
+    progress.abort();
+    let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+    if workers
+        .get(&name)
+        .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
+    {
+        workers.remove(&name);
+    }
+    result
+}
+
+/// A proposal that did not go through is never a refusal: the worker tries again.
+fn worker_propose_error(shared: &Shared, e: ProposeError) -> CoordinatorToWorker {
+    match e {
+        ProposeError::NotLeader { .. } => CoordinatorToWorker::NotLeader(shared.not_leader()),
+        ProposeError::NoQuorum => CoordinatorToWorker::NoQuorum,
+        ProposeError::Failed(message) => CoordinatorToWorker::Error(ErrorReply {
+            code: ErrorCode::Internal,
+            message,
+        }),
+    }
+}
+
+fn ack(accepted: bool, reason: impl Into<String>) -> CoordinatorToWorker {
+    CoordinatorToWorker::Ack(JobAck {
+        accepted,
+        reason: reason.into(),
+    })
+}
+
+async fn worker_request(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    name: &str,
+    msg: WorkerMsg,
+) -> CoordinatorToWorker {
+    if !shared.is_leader() {
+        return CoordinatorToWorker::NotLeader(shared.not_leader());
+    }
+    match msg {
+        WorkerMsg::Register(r) => {
+            if r.name != name {
+                return ack(
+                    false,
+                    format!(
+                        "the certificate names {name:?}, the registration {:?}",
+                        r.name
+                    ),
+                );
+            }
+            let parse = |list: &[String]| {
+                list.iter()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<_>>()
+            };
+            let cmd = state::Command::RegisterWorker {
+                now_ms: now_ms(),
+                name: name.to_string(),
+                capabilities: strata_shared::platform::Capabilities {
+                    native: parse(&r.native),
+                    emulated: parse(&r.emulated),
+                },
+                capacity: r.capacity.max(1),
+                labels: r.labels.into_iter().collect(),
+            };
+            match shared.submit(&cmd).await {
+                Ok(state::Response::WorkerRegistered { rejoined, .. }) => {
+                    tracing::info!(worker = %name, rejoined, "worker registered");
+                    let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+                    workers.insert(
+                        name.to_string(),
+                        WorkerLink {
+                            conn: conn.clone(),
+                            last_seen: Instant::now(),
+                            running: Vec::new(),
+                        },
+                    );
+                    ack(true, "")
+                }
+                Ok(other) => ack(false, format!("{other:?}")),
+                Err(e) => worker_propose_error(shared, e),
+            }
+        }
+        WorkerMsg::Heartbeat(h) => {
+            let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+            match workers.get_mut(name) {
+                Some(link) => {
+                    link.last_seen = Instant::now();
+                    link.running = h.running.clone();
+                    ack(true, "")
+                }
+                None => ack(
+                    false,
+                    "not registered with this coordinator: register first",
+                ),
+            }
+        }
+        WorkerMsg::Result(r) => {
+            let token = state::LeaseToken {
+                term: r.term,
+                epoch: r.epoch,
+            };
+            let job = state::JobId(r.job_id);
+            let cmd = match r.outcome {
+                Outcome::Ok(json) => {
+                    let output: Result<StageOutput, _> = serde_json::from_slice(&json);
+                    match output.and_then(|o| state::StageResult::from_output(&o)) {
+                        Ok(result) => state::Command::CompleteJob {
+                            now_ms: now_ms(),
+                            job,
+                            token,
+                            result,
+                        },
+                        Err(e) => state::Command::FailJob {
+                            now_ms: now_ms(),
+                            job,
+                            token,
+                            failure: state::Failure::Worker {
+                                error: format!("the worker's result does not decode: {e}"),
+                            },
+                        },
+                    }
+                }
+                Outcome::Err(error) => state::Command::FailJob {
+                    now_ms: now_ms(),
+                    job,
+                    token,
+                    failure: state::Failure::Step { error },
+                },
+            };
+            match shared.submit(&cmd).await {
+                Ok(state::Response::Rejected { reason }) => {
+                    tracing::warn!(worker = %name, job = %job, %reason, "result refused");
+                    ack(false, reason.to_string())
+                }
+                Ok(_) => ack(true, ""),
+                Err(e) => worker_propose_error(shared, e),
+            }
+        }
+        WorkerMsg::Progress(_) | WorkerMsg::Ack(_) => {
+            ack(false, "progress goes on a unidirectional stream")
+        }
+    }
+}
+
+/// Progress events of one job: kept for the build's watchers.
+async fn progress_stream(shared: Arc<Shared>, mut stream: quinn::RecvStream) {
+    let mut build: Option<u64> = None;
+    while let Ok(Some(WorkerMsg::Progress(p))) =
+        wire::read_frame_or_eof::<WorkerMsg>(&mut stream).await
+    {
+        if build.is_none() {
+            let job = state::JobId(p.job_id);
+            build = shared
+                .node
+                .query(move |s| s.job(job).map(|j| j.build.0))
+                .await
+                .flatten();
+        }
+        if let Some(b) = build {
+            let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.entry(b).or_default().push(p.event_json);
+        }
+    }
+}
+
+/// Sends a leased job to its worker; a worker that cannot take it gives the job back.
+pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
+    let job = lease.job;
+    let worker = lease.worker.clone();
+    let spec = shared
+        .node
+        .query(move |s| {
+            let spec = s.job_spec(job)?;
+            let req: ClusterBuildRequest = serde_json::from_str(spec.request).ok()?;
+            let inputs: BTreeMap<usize, StageOutput> = spec
+                .inputs
+                .iter()
+                .filter_map(|(i, r)| Some((*i, serde_json::from_str(&r.output).ok()?)))
+                .collect();
+            let stage_job = StageJob {
+                id: job.0 as usize,
+                dockerfile: req.dockerfile.clone(),
+                options: req.options.clone(),
+                build_platform: Platform::host(),
+                target_platform: spec
+                    .instance
+                    .targets
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| spec.instance.platform.clone()),
+                stage: spec.instance.index,
+                inputs,
+                context: std::path::PathBuf::new(),
+                show_platform: req.platforms.len() > 1,
+                no_cache: req.no_cache,
+                secrets: BTreeMap::new(),
+                allow_host_network: req.allow_host_network,
+                compression: req.compression,
+            };
+            let note = format!(
+                "stage {} ({}) runs on worker {}",
+                spec.instance.name, spec.instance.platform, worker
+            );
+            let json = serde_json::to_vec(&ClusterJob {
+                job: stage_job,
+                context_id: Some(req.context_id),
+            })
+            .ok()?;
+            Some((json, spec.build.0, note))
+        })
+        .await
+        .flatten();
+    let conn = {
+        let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.get(&lease.worker).map(|l| l.conn.clone())
+    };
+    let refused = match (spec, conn) {
+        (Some((job_json, build, note)), Some(conn)) => {
+            let offer = CoordinatorToWorker::Offer(wire::JobOffer {
+                job_id: job.0,
+                epoch: lease.token.epoch,
+                term: lease.token.term,
+                deadline_ms: lease.deadline_ms,
+                job_json,
+            });
+            match wire::request::<WorkerMsg>(&conn, &offer).await {
+                Ok(WorkerMsg::Ack(a)) if a.accepted => {
+                    // Where each stage runs, for the build's watchers.
+                    if let Ok(json) =
+                        serde_json::to_vec(&strata_shared::progress::Event::Note { text: note })
+                    {
+                        let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+                        events.entry(build).or_default().push(json);
+                    }
+                    None
+                }
+                Ok(WorkerMsg::Ack(a)) => Some(format!("the worker refused the job: {}", a.reason)),
+                Ok(other) => Some(format!("unexpected answer to an offer: {other:?}")),
+                Err(e) => Some(format!("offering the job failed: {e}")),
+            }
+        }
+        (None, _) => Some("the job's request could not be read".into()),
+        (_, None) => Some(format!(
+            "worker {} is not connected to the leader",
+            lease.worker
+        )),
+    };
+    if let Some(error) = refused {
+        tracing::warn!(job = %job, worker = %lease.worker, %error, "offer failed; the job goes back");
+        let _ = shared
+            .submit(&state::Command::FailJob {
+                now_ms: now_ms(),
+                job,
+                token: lease.token,
+                failure: state::Failure::Worker { error },
+            })
+            .await;
+    }
+}
