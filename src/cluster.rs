@@ -17,8 +17,8 @@ use strata_shared::progress::{Event, Progress};
 use strata_shared::store::BlobStore;
 use strata_shared::tls::{self, Identity, Role};
 use strata_shared::wire::{
-    self, ClientMsg, CoordinatorToClient, Hello, MembershipRequest, Outcome, StatusReply,
-    StatusRequest, SubmitBuild, WatchBuild,
+    self, CancelBuild, ClientMsg, CoordinatorToClient, Hello, MembershipRequest, Outcome,
+    StatusReply, StatusRequest, SubmitBuild, WatchBuild,
 };
 use strata_worker::context::upload;
 use strata_worker::copy::DockerIgnore;
@@ -131,6 +131,14 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The build's id (`strata status` lists the queue; `strata build` prints it).
+    build: u64,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -399,6 +407,27 @@ pub fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// `strata cancel BUILD`.
+pub fn cancel(args: CancelArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(cancel_build(&ClusterAccess::from(&args.client), args.build))?;
+    println!("build {} cancelled", args.build);
+    Ok(())
+}
+
+/// Asks the leader to cancel `build`.
+async fn cancel_build(access: &ClusterAccess, build: u64) -> Result<()> {
+    let msg = ClientMsg::Cancel(CancelBuild { build_id: build });
+    match ask_leader(access, &msg, "cancellation").await? {
+        (_, CoordinatorToClient::Accepted(_)) => Ok(()),
+        (addr, CoordinatorToClient::Error(e)) => bail!("{addr}: {}", e.message),
+        (addr, other) => bail!("{addr}: unexpected answer to a cancellation: {other:?}"),
+    }
+}
+
 /// How long a build request waits for a leader before the client gives up.
 const SUBMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -484,7 +513,41 @@ pub async fn build_on_cluster(
         text: format!("build {build_id} accepted by the cluster"),
     });
 
-    // Watch it to the end, from any coordinator, resuming after the last event seen.
+    // Watch it to the end; an interrupted client cancels it rather than leave it running.
+    tokio::select! {
+        done = watch_to_end(access, build_id, progress) => done,
+        signal = interrupted() => {
+            progress.send(Event::Note {
+                text: format!("{signal}: cancelling build {build_id} on the cluster"),
+            });
+            cancel_build(access, build_id).await?;
+            bail!("build {build_id} cancelled ({signal})")
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+/// Watches build `build_id` to its end, from any coordinator, resuming after the last event
+/// seen; each platform's image when it succeeded.
+async fn watch_to_end(
+    access: &ClusterAccess,
+    build_id: u64,
+    progress: &Progress,
+) -> Result<Vec<(Platform, StageOutput)>> {
     let mut next_event = 0u64;
     let mut last_error = String::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(24 * 3600);

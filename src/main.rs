@@ -32,6 +32,8 @@ enum Commands {
     Coordinator(cluster::CoordinatorArgs),
     /// Show the coordinators, the leader, the workers and the build queue of a cluster.
     Status(cluster::StatusArgs),
+    /// Cancel a build running on a cluster: its jobs stop on their workers.
+    Cancel(cluster::CancelArgs),
     /// Run a build worker that takes jobs from a cluster's coordinators.
     Worker(worker_cmd::WorkerArgs),
 }
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Commands::Plan(args) => plan::run(args),
         Commands::Coordinator(args) => cluster::coordinator(args),
         Commands::Status(args) => cluster::status(args),
+        Commands::Cancel(args) => cluster::cancel(args),
         Commands::Worker(args) => worker_cmd::run(args),
     };
     match result {

@@ -1081,3 +1081,99 @@ fn coordinators_are_added_and_removed_through_raft() {
         left
     );
 }
+
+/// Whether a process whose command line is exactly `cmdline` runs on this machine (the
+/// containers' processes are visible from the host).
+fn process_running(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|raw| {
+                        raw.split(|b| *b == 0)
+                            .filter(|a| !a.is_empty())
+                            .collect::<Vec<_>>()
+                            .join(&b' ')
+                            == cmdline.as_bytes()
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_cancelled_build_stops_its_containers_on_the_workers() {
+    let registry = strata_testkit::busybox_registry();
+    let (cluster, workers) = started_cluster(&["w1"]);
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let busybox = format!("{}/library/busybox:latest", registry.addr());
+    let out = cluster.dir.path().join("out");
+
+    // An interrupted client cancels its build: the container stops on the worker.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {busybox}\nRUN sleep 297\n"),
+    )
+    .expect("Dockerfile");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    cluster.wait_until("the long step running", 60, |_| {
+        process_running("sleep 297")
+    });
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let (ok, text) = finish_build(child, &log, 30);
+    assert!(!ok, "{text}");
+    assert!(text.contains("cancelled (interrupted)"), "{text}");
+    cluster.wait_until("the container stopping", 15, |_| {
+        !process_running("sleep 297")
+    });
+    cluster.wait_until("the worker dropping the job", 15, |c| {
+        c.log_of("w1").contains("job cancelled")
+    });
+
+    // `strata cancel` does the same for a build started elsewhere.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {busybox}\nRUN sleep 296\n"),
+    )
+    .expect("Dockerfile");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    cluster.wait_until("the second long step running", 60, |_| {
+        process_running("sleep 296")
+    });
+    let text = log.lock().map(|s| s.clone()).unwrap_or_default();
+    let build = text
+        .split("build ")
+        .filter_map(|r| r.split(' ').next()?.parse::<u64>().ok())
+        .last()
+        .expect("the build's id in its progress");
+    let cancel = |id: &str| {
+        Command::new(STRATA)
+            .args(["cancel", id, "--coordinator", &cluster.addrs[..3].join(",")])
+            .arg("--ca")
+            .arg(cluster.dir.path().join("pki/ca.crt"))
+            .args(["--token", &cluster.token()])
+            .output()
+            .expect("strata cancel")
+    };
+    let done = cancel(&build.to_string());
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let (ok, text) = finish_build(child, &log, 30);
+    assert!(!ok && text.contains("cancelled"), "{text}");
+    cluster.wait_until("the second container stopping", 15, |_| {
+        !process_running("sleep 296")
+    });
+    let unknown = cancel("999999");
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && said.contains("unknown build b999999"),
+        "{said}"
+    );
+    stop(workers);
+}

@@ -47,6 +47,11 @@ use strata_shared::progress::{Event, Progress};
 /// it, a later build resolves the tag again.
 const PULL_MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The exit code reported for a container that was never started because its step had been
+/// cancelled (128 + SIGKILL, as for a container killed while it ran). Nobody reads it: the job
+/// it belongs to is gone.
+const CANCELLED_EXIT: i32 = 137;
+
 /// The latest resolution of one base image for one platform, and when it was made.
 type PullSlot = Arc<Mutex<Option<(Instant, Pulled)>>>;
 
@@ -848,8 +853,15 @@ impl StageCtx<'_> {
         let runc = self.engine.runc.clone();
         let progress = self.progress.clone();
         let (job, n) = (self.job.id, self.n);
+        // A cancelled job drops this future: the guard then stops the container.
+        let stop = executor::StopOnDrop::new(runc.clone(), &req.id);
+        let gate = stop.gate();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut tail = OutputTail::default();
+            if gate.cancelled() {
+                gate.done();
+                return (Ok(CANCELLED_EXIT), tail);
+            }
             let running = Instant::now();
             let r = runc.run(&req, &mut |bytes: &[u8]| {
                 tail.push(bytes);
@@ -859,11 +871,13 @@ impl StageCtx<'_> {
                     data: String::from_utf8_lossy(bytes).into_owned(),
                 });
             });
+            gate.done();
             tracing::debug!(elapsed = ?running.elapsed(), "container ran");
             (r, tail)
         })
         .await
         .map_err(|e| fail(format!("running the container: {e}")))?;
+        stop.disarm();
         drop(mounts);
         let (result, tail) = outcome;
         let code = result.map_err(|e| fail(format!("{text}: {e}")))?;

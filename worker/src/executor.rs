@@ -469,6 +469,91 @@ pub struct Runc {
     nofile: u64,
 }
 
+/// Stops a container whose step is no longer wanted: the job was cancelled, so the future
+/// waiting on the blocking [`Runc::run`] was dropped, and the container would otherwise run to
+/// its end. Dropped before [`StopOnDrop::disarm`], it marks the run cancelled (a run that has
+/// not started yet does not start, see [`RunGate::cancelled`]) and kills the container from a
+/// thread of its own, again and again until the run has returned: a container still being
+/// created when the cancellation came is killed too.
+pub struct StopOnDrop {
+    runc: std::sync::Arc<Runc>,
+    id: String,
+    gate: std::sync::Arc<RunGate>,
+    armed: bool,
+}
+
+/// What a blocking run and its [`StopOnDrop`] share.
+#[derive(Debug, Default)]
+pub struct RunGate {
+    cancelled: std::sync::atomic::AtomicBool,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl RunGate {
+    /// Whether the step was cancelled: check before starting the container.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The run returned: no more killing.
+    pub fn done(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How long a cancelled container is killed again and again while its run has not returned.
+const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl StopOnDrop {
+    pub fn new(runc: std::sync::Arc<Runc>, id: &str) -> StopOnDrop {
+        StopOnDrop {
+            runc,
+            id: id.to_string(),
+            gate: std::sync::Arc::default(),
+            armed: true,
+        }
+    }
+
+    /// The gate the blocking run checks and marks.
+    pub fn gate(&self) -> std::sync::Arc<RunGate> {
+        self.gate.clone()
+    }
+
+    /// The run was awaited to its end: nothing to stop.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.armed || self.gate.done.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.gate
+            .cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (runc, id, gate) = (self.runc.clone(), self.id.clone(), self.gate.clone());
+        tracing::info!(container = %id, "step cancelled; stopping its container");
+        let spawned = std::thread::Builder::new()
+            .name("stop-container".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                while !gate.done.load(std::sync::atomic::Ordering::SeqCst)
+                    && started.elapsed() < STOP_PATIENCE
+                {
+                    if runc.runc_root().join(&id).exists() {
+                        let _ = runc.kill(&id, Signal::SIGKILL);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(container = %self.id, error = %e, "cannot start the thread that stops a cancelled container");
+        }
+    }
+}
+
 impl Runc {
     /// Finds `runc` on `PATH` (then in `/usr/local/sbin`, `/usr/sbin` and `/sbin`) unless
     /// `binary` is given, checks that it is an executable file (the error says to

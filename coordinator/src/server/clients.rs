@@ -67,9 +67,18 @@ pub(super) async fn client_request(
                     reason: "cancelled by the client".into(),
                 };
                 match shared.submit(&cmd).await {
-                    Ok(_) => CoordinatorToClient::Accepted(wire::BuildAccepted {
-                        build_id: c.build_id,
-                    }),
+                    Ok(resp) => match resp.rejection() {
+                        None => CoordinatorToClient::Accepted(wire::BuildAccepted {
+                            build_id: c.build_id,
+                        }),
+                        Some(reason) => CoordinatorToClient::Error(ErrorReply {
+                            code: match reason {
+                                state::Rejection::UnknownBuild { .. } => ErrorCode::NotFound,
+                                _ => ErrorCode::BadRequest,
+                            },
+                            message: reason.to_string(),
+                        }),
+                    },
                     Err(e) => propose_error(&shared, e),
                 }
             }

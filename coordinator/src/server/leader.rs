@@ -1,10 +1,10 @@
 //! What only the leader does, in one loop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::workers::offer;
+use super::workers::{cancel, offer};
 use super::{Shared, now_ms};
 use crate::state;
 
@@ -15,6 +15,8 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
     let lease_ms = shared.config.scheduler.lease_ms;
     let mut leading_since: Option<(u64, Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Cancellations sent, by worker and job: sent again only after a while.
+    let mut cancelling: HashMap<(String, u64), Instant> = HashMap::new();
     loop {
         tick.tick().await;
         let view = shared.node.view();
@@ -30,6 +32,7 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
             }
         };
         let now = now_ms();
+        stop_unwanted_jobs(&shared, &mut cancelling).await;
         // Renew the leases of live workers that are halfway through theirs.
         let alive: Vec<String> = {
             let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,5 +152,34 @@ fn granted_leases(resp: state::Response) -> Vec<state::GrantedLease> {
             responses.into_iter().flat_map(granted_leases).collect()
         }
         _ => Vec::new(),
+    }
+}
+
+/// Tells workers to stop the jobs they still run for builds that were cancelled, failed or
+/// forgotten, so that their slots (and the containers in them) are freed at once.
+async fn stop_unwanted_jobs(shared: &Shared, cancelling: &mut HashMap<(String, u64), Instant>) {
+    cancelling.retain(|_, at| at.elapsed() < Duration::from_secs(5));
+    let running: Vec<(String, Vec<u64>)> = {
+        let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers
+            .iter()
+            .filter(|(_, l)| !l.running.is_empty())
+            .map(|(n, l)| (n.clone(), l.running.clone()))
+            .collect()
+    };
+    for (worker, jobs) in running {
+        let stop = shared
+            .node
+            .query(move |s| s.jobs_to_stop(&jobs))
+            .await
+            .unwrap_or_default();
+        for (job, epoch) in stop {
+            let key = (worker.clone(), job.0);
+            if cancelling.contains_key(&key) {
+                continue;
+            }
+            cancelling.insert(key, Instant::now());
+            cancel(shared, &worker, job, epoch).await;
+        }
     }
 }

@@ -306,3 +306,34 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
             .await;
     }
 }
+
+/// Asks `worker` to stop `job` (under `epoch` or any older lease); logs what it answered.
+pub(super) async fn cancel(shared: &Shared, worker: &str, job: state::JobId, epoch: u64) {
+    let conn = {
+        let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.get(worker).map(|l| l.conn.clone())
+    };
+    let Some(conn) = conn else {
+        return;
+    };
+    let msg = CoordinatorToWorker::Cancel(wire::CancelJob {
+        job_id: job.0,
+        epoch,
+    });
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        wire::request::<WorkerMsg>(&conn, &msg),
+    )
+    .await;
+    match answer {
+        Ok(Ok(WorkerMsg::Ack(a))) if a.accepted => {
+            tracing::info!(%job, %worker, "job stopped on its worker: its build no longer needs it");
+        }
+        Ok(Ok(WorkerMsg::Ack(a))) => {
+            tracing::debug!(%job, %worker, reason = %a.reason, "nothing to stop");
+        }
+        Ok(Ok(other)) => tracing::warn!(%job, %worker, "unexpected answer to a cancel: {other:?}"),
+        Ok(Err(e)) => tracing::debug!(%job, %worker, error = %e, "cancel not delivered"),
+        Err(_) => tracing::debug!(%job, %worker, "no answer to a cancel within 5s"),
+    }
+}

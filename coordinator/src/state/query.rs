@@ -306,6 +306,24 @@ impl StateMachine {
         }
     }
 
+    /// Of the jobs a worker says it runs, those nobody wants any more (their build was
+    /// cancelled, failed or forgotten), with the epoch to cancel them under: the job's latest,
+    /// or `u64::MAX` for a job no longer known. A job re-leased elsewhere or done is not among
+    /// them: a late result is refused by its stale token.
+    pub fn jobs_to_stop(&self, running: &[u64]) -> Vec<(JobId, u64)> {
+        running
+            .iter()
+            .filter_map(|id| {
+                let id = JobId(*id);
+                match self.jobs.get(&id) {
+                    None => Some((id, u64::MAX)),
+                    Some(j) if matches!(j.state, JobState::Cancelled) => Some((id, j.epoch)),
+                    Some(_) => None,
+                }
+            })
+            .collect()
+    }
+
     /// Leases whose deadline is at or before `now_ms`, by job id.
     pub fn expired_leases(&self, now_ms: u64) -> Vec<LeaseRef> {
         self.index

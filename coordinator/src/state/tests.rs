@@ -686,6 +686,10 @@ fn cancelling_a_build_invalidates_its_leases() {
     c.register("w", &["linux/amd64"], &[], 4);
     let (build, jobs) = c.submit(diamond());
     let t = c.lease(jobs[0], "w");
+    assert!(
+        c.sm.jobs_to_stop(&[jobs[0].0]).is_empty(),
+        "a job its build still needs keeps running"
+    );
     let resp = c.apply(Command::CancelBuild {
         now_ms: 3,
         build,
@@ -702,6 +706,8 @@ fn cancelling_a_build_invalidates_its_leases() {
         c.complete(jobs[0], t).rejection(),
         Some(Rejection::StaleToken { .. })
     ));
+    // The worker still running it is told to stop, under the job's latest epoch.
+    assert_eq!(c.sm.jobs_to_stop(&[jobs[0].0]), [(jobs[0], t.epoch)]);
     assert_eq!(
         c.sm.build(build).unwrap().status,
         BuildStatus::Cancelled {
@@ -724,6 +730,8 @@ fn cancelling_a_build_invalidates_its_leases() {
         }
     );
     assert!(c.sm.build(build).is_none() && c.sm.job(jobs[0]).is_none());
+    // A job no longer known is stopped whatever its epoch.
+    assert_eq!(c.sm.jobs_to_stop(&[jobs[0].0]), [(jobs[0], u64::MAX)]);
 }
 
 #[test]
