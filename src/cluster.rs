@@ -384,9 +384,13 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     let _ = writeln!(out, "workers: {}", reply.workers.len());
     for w in &reply.workers {
+        let seen = match w.last_seen_ms {
+            Some(ms) => format!("heartbeat {:.1}s ago", ms as f64 / 1000.0),
+            None => "not connected here".to_string(),
+        };
         let _ = writeln!(
             out,
-            "  {} native {} emulated {} capacity {} running {}",
+            "  {} native {} emulated {} capacity {} running {}  {seen}",
             w.name,
             w.native.join(","),
             w.emulated.join(","),

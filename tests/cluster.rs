@@ -352,6 +352,9 @@ fn a_build_spreads_its_independent_stages_over_two_workers() {
     let mut w1 = cluster.start_worker("w1");
     let mut w2 = cluster.start_worker("w2");
     cluster.wait_for_workers(2);
+    // The leader, which they heartbeat, says when it last heard from each.
+    let seen = cluster.status(cluster.leader_index()).unwrap_or_default();
+    assert_eq!(seen.matches("s ago").count(), 2, "{seen}");
 
     let ctx = tempfile::tempdir().expect("tempdir");
     let busybox = format!("{}/library/busybox:latest", registry.addr());

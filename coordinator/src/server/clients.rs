@@ -304,9 +304,16 @@ async fn status(shared: &Shared) -> StatusReply {
             }
         })
         .collect();
+    let seen: BTreeMap<String, u64> = {
+        let links = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .iter()
+            .map(|(n, l)| (n.clone(), l.last_seen.elapsed().as_millis() as u64))
+            .collect()
+    };
     let (workers, queue) = shared
         .node
-        .query(|s| {
+        .query(move |s| {
             let workers = s
                 .workers()
                 .filter(|w| w.state != state::WorkerState::Gone)
@@ -320,7 +327,7 @@ async fn status(shared: &Shared) -> StatusReply {
                         .filter(|j| matches!(&j.state, state::JobState::Leased(l) if l.worker == w.name))
                         .map(|j| j.id.0)
                         .collect(),
-                    last_seen_ms: 0,
+                    last_seen_ms: seen.get(&w.name).copied(),
                     labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 })
                 .collect::<Vec<_>>();

@@ -374,8 +374,9 @@ pub struct WorkerStatus {
     pub emulated: Vec<String>,
     pub capacity: u32,
     pub running: Vec<JobId>,
-    /// Milliseconds since its last heartbeat.
-    pub last_seen_ms: u64,
+    /// Milliseconds since its last heartbeat to the answering coordinator; `None` when it is
+    /// not connected to that coordinator.
+    pub last_seen_ms: Option<u64>,
     pub labels: Vec<(String, String)>,
 }
 

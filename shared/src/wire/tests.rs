@@ -312,7 +312,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
                 emulated: Vec::new(),
                 capacity: 4,
                 running: vec![5],
-                last_seen_ms: 250,
+                last_seen_ms: Some(250),
                 labels: vec![("zone".into(), "eu-1".into())],
             }],
             queue: vec![BuildStatus {
