@@ -1108,7 +1108,20 @@ fn process_running(cmdline: &str) -> bool {
 #[test]
 fn a_cancelled_build_stops_its_containers_on_the_workers() {
     let registry = strata_testkit::busybox_registry();
-    let (cluster, workers) = started_cluster(&["w1"]);
+    let mut cluster = Cluster::init();
+    cluster.fast_leases();
+    // Finished builds are forgotten 3 s after they end.
+    for i in 0..3 {
+        let path = cluster.config(i);
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, format!("{text}retain_finished_ms = 3000\n")).expect("config");
+    }
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.leader_seen_by(0);
+    let workers = vec![cluster.start_worker("w1")];
+    cluster.wait_for_workers(1);
     let ctx = tempfile::tempdir().expect("tempdir");
     let busybox = format!("{}/library/busybox:latest", registry.addr());
     let out = cluster.dir.path().join("out");
@@ -1171,6 +1184,17 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
     assert!(!ok && text.contains("cancelled"), "{text}");
     cluster.wait_until("the second container stopping", 15, |_| {
         !process_running("sleep 296")
+    });
+    // Once its retention is over, the finished build is forgotten.
+    let again = cancel(&build.to_string());
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && said.contains("is already cancelled"),
+        "{said}"
+    );
+    cluster.wait_until("the cancelled build being forgotten", 30, |_| {
+        String::from_utf8_lossy(&cancel(&build.to_string()).stderr)
+            .contains(&format!("unknown build b{build}"))
     });
     let unknown = cancel("999999");
     let said = String::from_utf8_lossy(&unknown.stderr);

@@ -97,6 +97,9 @@ pub struct SchedulerConfig {
     pub heartbeat_ms: u64,
     /// Whether builds may run stages under emulation unless they say otherwise.
     pub emulation: String,
+    /// How long a finished build (its request, jobs, results and progress) is kept before it
+    /// is forgotten; the layers it built stay in the cache.
+    pub retain_finished_ms: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -105,6 +108,7 @@ impl Default for SchedulerConfig {
             lease_ms: 10_000,
             heartbeat_ms: 1_000,
             emulation: "allow".into(),
+            retain_finished_ms: 3_600_000,
         }
     }
 }

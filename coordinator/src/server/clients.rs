@@ -233,7 +233,14 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
                 return;
             }
             Some(None) => {
-                let _ = wire::write_frame(send, &bad_request(format!("no build {build}"))).await;
+                let gone = CoordinatorToClient::Error(ErrorReply {
+                    code: ErrorCode::NotFound,
+                    message: format!(
+                        "no build {build}: unknown, or finished more than {}s ago and forgotten",
+                        shared.config.scheduler.retain_finished_ms / 1000
+                    ),
+                });
+                let _ = wire::write_frame(send, &gone).await;
                 return;
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,

@@ -17,8 +17,14 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     // Cancellations sent, by worker and job: sent again only after a while.
     let mut cancelling: HashMap<(String, u64), Instant> = HashMap::new();
+    let mut rounds = 0u64;
     loop {
         tick.tick().await;
+        rounds += 1;
+        // Every few seconds, leader or not: progress kept for builds no longer known goes.
+        if rounds % 25 == 0 {
+            forget_old_progress(&shared).await;
+        }
         let view = shared.node.view();
         if view.leader != Some(view.id) {
             leading_since = None;
@@ -33,6 +39,7 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
         };
         let now = now_ms();
         stop_unwanted_jobs(&shared, &mut cancelling).await;
+        retire_old_builds(&shared, now).await;
         // Renew the leases of live workers that are halfway through theirs.
         let alive: Vec<String> = {
             let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,6 +187,59 @@ async fn stop_unwanted_jobs(shared: &Shared, cancelling: &mut HashMap<(String, u
             }
             cancelling.insert(key, Instant::now());
             cancel(shared, &worker, job, epoch).await;
+        }
+    }
+}
+
+/// Forgets finished builds kept for longer than `scheduler.retain_finished_ms`, a batch at a
+/// time, so that the replicated state (and its snapshots) stays the size of what is current.
+async fn retire_old_builds(shared: &Shared, now: u64) {
+    let retain = shared.config.scheduler.retain_finished_ms;
+    let old = shared
+        .node
+        .query(move |s| s.builds_to_retire(now, retain, 100))
+        .await
+        .unwrap_or_default();
+    if old.is_empty() {
+        return;
+    }
+    match shared
+        .submit(&state::Command::RetireBuilds { builds: old })
+        .await
+    {
+        Ok(state::Response::Retired { builds, .. }) => {
+            tracing::info!(
+                count = builds.len(),
+                "finished builds forgotten after their retention"
+            );
+        }
+        Ok(other) => tracing::debug!(?other, "retiring builds"),
+        Err(e) => tracing::debug!(error = %e, "retiring builds not committed"),
+    }
+}
+
+/// Drops the progress kept in memory for builds the state no longer holds.
+async fn forget_old_progress(shared: &Shared) {
+    let kept: Vec<u64> = {
+        let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.keys().copied().collect()
+    };
+    if kept.is_empty() {
+        return;
+    }
+    let gone: Vec<u64> = shared
+        .node
+        .query(move |s| {
+            kept.into_iter()
+                .filter(|b| s.build(state::BuildId(*b)).is_none())
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+    if !gone.is_empty() {
+        let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+        for b in gone {
+            events.remove(&b);
         }
     }
 }

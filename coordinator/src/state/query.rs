@@ -306,6 +306,22 @@ impl StateMachine {
         }
     }
 
+    /// Finished builds that ended `retain_ms` or more before `now_ms`, oldest first, at most
+    /// `limit` of them: what the leader retires.
+    pub fn builds_to_retire(&self, now_ms: u64, retain_ms: u64, limit: usize) -> Vec<BuildId> {
+        let mut old: Vec<(u64, BuildId)> = self
+            .builds
+            .values()
+            .filter_map(|b| {
+                let ended = b.finished_at_ms?;
+                (b.status.is_finished() && ended.saturating_add(retain_ms) <= now_ms)
+                    .then_some((ended, b.id))
+            })
+            .collect();
+        old.sort_unstable();
+        old.into_iter().take(limit).map(|(_, id)| id).collect()
+    }
+
     /// Of the jobs a worker says it runs, those nobody wants any more (their build was
     /// cancelled, failed or forgotten), with the epoch to cancel them under: the job's latest,
     /// or `u64::MAX` for a job no longer known. A job re-leased elsewhere or done is not among

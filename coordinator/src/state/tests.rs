@@ -735,6 +735,33 @@ fn cancelling_a_build_invalidates_its_leases() {
 }
 
 #[test]
+fn finished_builds_are_retired_after_their_retention_oldest_first() {
+    let mut c = Cluster::new();
+    c.register("w", &["linux/amd64"], &[], 4);
+    let (first, _) = c.submit(diamond());
+    let (second, _) = c.submit(diamond());
+    let (running, _) = c.submit(diamond());
+    for (build, at) in [(second, 100), (first, 200)] {
+        c.apply(Command::CancelBuild {
+            now_ms: at,
+            build,
+            reason: "done with it".into(),
+        });
+    }
+    assert!(c.sm.builds_to_retire(1_099, 1_000, 10).is_empty());
+    assert_eq!(c.sm.builds_to_retire(1_100, 1_000, 10), [second]);
+    assert_eq!(c.sm.builds_to_retire(5_000, 1_000, 10), [second, first]);
+    assert_eq!(c.sm.builds_to_retire(5_000, 1_000, 1), [second]);
+    let old = c.sm.builds_to_retire(5_000, 1_000, 10);
+    c.apply(Command::RetireBuilds { builds: old });
+    assert!(c.sm.build(first).is_none() && c.sm.build(second).is_none());
+    assert!(
+        c.sm.build(running).is_some(),
+        "an unfinished build is never retired"
+    );
+}
+
+#[test]
 fn cached_stages_start_done() {
     let mut c = Cluster::new();
     let mut pl = diamond();
