@@ -22,7 +22,7 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
         tick.tick().await;
         rounds += 1;
         // Every few seconds, leader or not: progress kept for builds no longer known goes.
-        if rounds % 25 == 0 {
+        if rounds.is_multiple_of(25) {
             forget_old_progress(&shared).await;
         }
         let view = shared.node.view();
