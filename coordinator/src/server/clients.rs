@@ -186,16 +186,7 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
     loop {
         let fresh: Vec<(u64, Vec<u8>)> = {
             let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-            events
-                .get(&build)
-                .map(|list| {
-                    list.iter()
-                        .enumerate()
-                        .skip(from as usize)
-                        .map(|(i, e)| (i as u64, e.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
+            events.since(build, from)
         };
         for (seq, event_json) in fresh {
             let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event_json });

@@ -222,7 +222,7 @@ async fn retire_old_builds(shared: &Shared, now: u64) {
 async fn forget_old_progress(shared: &Shared) {
     let kept: Vec<u64> = {
         let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-        events.keys().copied().collect()
+        events.builds()
     };
     if kept.is_empty() {
         return;
@@ -239,7 +239,7 @@ async fn forget_old_progress(shared: &Shared) {
     if !gone.is_empty() {
         let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
         for b in gone {
-            events.remove(&b);
+            events.forget(b);
         }
     }
 }

@@ -12,6 +12,7 @@ mod clients;
 mod leader;
 mod membership;
 mod node_task;
+mod progress_log;
 mod workers;
 
 pub use clients::ClusterBuildRequest;
@@ -134,7 +135,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
         config,
         tokens,
         workers: Mutex::new(HashMap::new()),
-        events: Mutex::new(HashMap::new()),
+        events: Mutex::new(progress_log::ProgressLog::default()),
     });
     tokio::spawn(leader::leader_loop(shared.clone()));
     let mut view = shared.node.watch();
@@ -190,7 +191,7 @@ struct Shared {
     /// Workers connected to this node, by name.
     workers: Mutex<HashMap<String, WorkerLink>>,
     /// Progress events of the builds this node led, by build: what `WatchBuild` streams.
-    events: Mutex<HashMap<u64, Vec<Vec<u8>>>>,
+    events: Mutex<progress_log::ProgressLog>,
 }
 
 /// A worker's live connection to this coordinator.

@@ -207,7 +207,7 @@ async fn progress_stream(shared: Arc<Shared>, mut stream: quinn::RecvStream) {
         }
         if let Some(b) = build {
             let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-            events.entry(b).or_default().push(p.event_json);
+            events.push(b, p.event_json);
         }
     }
 }
@@ -279,7 +279,7 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                         serde_json::to_vec(&strata_shared::progress::Event::Note { text: note })
                     {
                         let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-                        events.entry(build).or_default().push(json);
+                        events.push(build, json);
                     }
                     None
                 }
