@@ -1196,6 +1196,28 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
         String::from_utf8_lossy(&cancel(&build.to_string()).stderr)
             .contains(&format!("unknown build b{build}"))
     });
+    // A build that fails stops its other running stages the same way.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM {busybox} AS long\nRUN sleep 295\n\
+             FROM {busybox} AS broken\nRUN sleep 4 && exit 3\n\
+             FROM {busybox}\nCOPY --from=long /etc/hostname /a\nCOPY --from=broken /etc/hostname /b\n"
+        ),
+    )
+    .expect("Dockerfile");
+    let (child, failing) = cluster.spawn_build(ctx.path(), &out);
+    cluster.wait_until("the long stage running beside the broken one", 60, |_| {
+        process_running("sleep 295")
+    });
+    let (ok, text) = finish_build(child, &failing, 60);
+    assert!(!ok && text.contains("exit code 3"), "{text}");
+    cluster.wait_until(
+        "the long stage stopping after its sibling failed",
+        15,
+        |_| !process_running("sleep 295"),
+    );
+
     let unknown = cancel("999999");
     let said = String::from_utf8_lossy(&unknown.stderr);
     assert!(
