@@ -355,7 +355,7 @@ async fn build(args: BuildArgs) -> Result<()> {
 
     let (progress, rx) = Progress::channel();
     let printer = tokio::spawn(progress::print(args.progress, rx));
-    let result = async {
+    let work = async {
         let worker = Arc::new(LocalWorker { engine });
         let built = driver::run(&req, worker, &progress).await.map_err(render)?;
         if outputs.is_empty() {
@@ -365,11 +365,31 @@ async fn build(args: BuildArgs) -> Result<()> {
             return Ok(());
         }
         export_all(&store, &built.images, &outputs, &tags, &scratch, &progress).await
-    }
-    .await;
+    };
+    // Interrupted, the build stops: its running steps' containers are killed and their
+    // snapshots released before the process exits.
+    let result = tokio::select! {
+        done = work => done,
+        signal = interrupted() => Err(anyhow!("build {signal}: its running steps were stopped")),
+    };
     drop(progress);
     let _ = printer.await;
     result
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+pub(crate) async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 /// `strata build --coordinator ...`: the build runs on the cluster; the outputs are written

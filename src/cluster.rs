@@ -520,28 +520,13 @@ pub async fn build_on_cluster(
     // Watch it to the end; an interrupted client cancels it rather than leave it running.
     tokio::select! {
         done = watch_to_end(access, build_id, progress) => done,
-        signal = interrupted() => {
+        signal = crate::build::interrupted() => {
             progress.send(Event::Note {
                 text: format!("{signal}: cancelling build {build_id} on the cluster"),
             });
             cancel_build(access, build_id).await?;
             bail!("build {build_id} cancelled ({signal})")
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM, naming it.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "interrupted",
-            _ = term.recv() => "terminated",
-        },
-        _ => std::future::pending().await,
     }
 }
 

@@ -9,7 +9,9 @@ use std::process::Command;
 use serde_json::Value;
 use strata_testkit::Registry;
 
-use crate::fixture::{Fixture, blob_name, oci_config, read, step_results, tar_member, tool};
+use crate::fixture::{
+    Fixture, blob_name, oci_config, process_running, read, step_results, tar_member, tool,
+};
 
 #[test]
 fn example_builds_and_other_tools_read_every_output() {
@@ -824,4 +826,48 @@ fn base_images_by_digest_from_a_registry_with_basic_auth() {
         layers += 1;
     }
     assert!(layers >= 2, "the base layer and the RUN layer are stored");
+}
+
+#[test]
+fn an_interrupted_build_stops_its_containers_and_releases_its_mounts() {
+    let f = Fixture::new();
+    f.write("Dockerfile", "FROM {BUSYBOX}\nRUN sleep 293\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["build", "--progress=plain"])
+        .arg(f.ctx.path())
+        .env("STRATA_STATE_DIR", f.state.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strata build");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !process_running("sleep 293") {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().ok().flatten().is_none(),
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().expect("strata build ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("build interrupted: its running steps were stopped"),
+        "{err}"
+    );
+    // The container was killed, not left behind, and no mount of the state is left.
+    assert!(
+        !process_running("sleep 293"),
+        "the container outlived the build"
+    );
+    let state = f.state.path().to_string_lossy().into_owned();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&state)),
+        "mounts left under {state}:\n{mounts}"
+    );
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::fixture::process_running;
+
 const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 
 /// Three coordinators' files and processes (and room for a fourth that joins later); every
@@ -1083,26 +1085,6 @@ fn coordinators_are_added_and_removed_through_raft() {
             .collect::<Vec<_>>(),
         left
     );
-}
-
-/// Whether a process whose command line is exactly `cmdline` runs on this machine (the
-/// containers' processes are visible from the host).
-fn process_running(cmdline: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries.flatten().any(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .map(|raw| {
-                        raw.split(|b| *b == 0)
-                            .filter(|a| !a.is_empty())
-                            .collect::<Vec<_>>()
-                            .join(&b' ')
-                            == cmdline.as_bytes()
-                    })
-                    .unwrap_or(false)
-            })
-        })
-        .unwrap_or(false)
 }
 
 #[test]

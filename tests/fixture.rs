@@ -218,3 +218,23 @@ pub fn require_arm64_emulation() {
          (tests/run.sh does this)"
     );
 }
+
+/// Whether a process whose command line is exactly `cmdline` runs on this machine (the
+/// containers' processes are visible from the host).
+pub fn process_running(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|raw| {
+                        raw.split(|b| *b == 0)
+                            .filter(|a| !a.is_empty())
+                            .collect::<Vec<_>>()
+                            .join(&b' ')
+                            == cmdline.as_bytes()
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
