@@ -1208,3 +1208,59 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
     );
     stop(workers);
 }
+
+#[test]
+fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
+    let registry = strata_testkit::busybox_registry();
+    let (cluster, mut workers) = started_cluster(&["w1", "w2"]);
+    let ctx = slow_context(&registry, 3);
+    let out = cluster.dir.path().join("out");
+    let (child, log) = cluster.spawn_build(ctx.path(), &out);
+    // SIGTERM (what Kubernetes sends on scale-down) to the worker running the slow stage.
+    let busy = cluster.worker_of_slow_stage();
+    let name = ["w1", "w2"][busy];
+    let _ = Command::new("kill")
+        .args(["-TERM", &workers[busy].id().to_string()])
+        .status();
+    let (ok, text) = finish_build(child, &log, 120);
+    let mut leaving = workers.remove(busy);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Ok(Some(status)) = leaving.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not leave:\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let taken: Vec<u64> = [cluster.jobs_taken("w1"), cluster.jobs_taken("w2")].concat();
+    stop(workers);
+    assert!(ok, "{text}\n{}", cluster.logs());
+    assert!(status.success(), "{name} leaves cleanly: {status}");
+    assert!(
+        cluster
+            .log_of(name)
+            .contains("drained: every running job finished"),
+        "{}",
+        cluster.log_of(name)
+    );
+    // Its stage finished where it started: nothing ran twice.
+    let mut unique = taken.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
+    // The leader heard it drain, then go.
+    let leader_logs: String = (1..=3).map(|i| cluster.log_of(&format!("c{i}"))).collect();
+    for mode in ["mode=drain", "mode=gone"] {
+        assert!(
+            leader_logs
+                .lines()
+                .any(|l| l.contains("worker leaving") && l.contains(mode)),
+            "{mode}:\n{}",
+            cluster.logs()
+        );
+    }
+}

@@ -601,6 +601,10 @@ pub struct Agent {
     jobs: Jobs,
     link: Link,
     failures: Mutex<FailureLog>,
+    /// How long running jobs may finish once the worker is told to stop.
+    drain: Duration,
+    /// Stopping: offers are declined.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -666,7 +670,50 @@ impl Agent {
             jobs: Jobs::new(config.capacity),
             link: Link::new(),
             failures: Mutex::new(FailureLog::default()),
+            drain: Duration::from_millis(config.drain_ms),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Lets the running jobs finish, for up to the drain time, while the leader gives the
+    /// worker no new ones.
+    async fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = self.jobs.held().len();
+        if held == 0 || self.drain.is_zero() {
+            return;
+        }
+        tracing::info!(jobs = held, within = ?self.drain, "draining: no new jobs; the running ones may finish");
+        self.tell_leader(true).await;
+        let deadline = Instant::now() + self.drain;
+        while !self.jobs.held().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match self.jobs.held().len() {
+            0 => tracing::info!("drained: every running job finished"),
+            left => tracing::warn!(
+                jobs = left,
+                "drain time is up: stopping the jobs left and handing them back"
+            ),
+        }
+    }
+
+    /// Tells the leader the worker is draining (`drain`) or gone; best effort.
+    async fn tell_leader(&self, drain: bool) {
+        let Some(live) = self.link.current() else {
+            return;
+        };
+        let msg = WorkerMsg::Leave(wire::LeaveCluster { drain });
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            wire::request::<CoordinatorToWorker>(&live.conn, &msg),
+        )
+        .await;
+        match answer {
+            Ok(Ok(CoordinatorToWorker::Ack(a))) if a.accepted => {}
+            other => tracing::debug!(drain, ?other, "the leader did not take the leave"),
+        }
     }
 
     /// What the worker announces when it registers.
@@ -702,9 +749,14 @@ impl Agent {
                 Err(AgentError::TaskFailed("session"))
             }
         };
+        if result.is_ok() {
+            agent.drain().await;
+        }
         tracing::info!("worker stopping: cancelling jobs and leaving the cluster");
         session.abort();
         agent.jobs.abort_all();
+        // What it held goes back to the queue now, not when its leases run out.
+        agent.tell_leader(false).await;
         if let Some(live) = agent.link.current() {
             live.conn.close(CLOSE_NORMAL, b"worker shutting down");
         }
@@ -1006,8 +1058,10 @@ impl Agent {
     /// Answers an offer and, when taken, starts the job.
     async fn take_offer(self: Arc<Self>, offer: JobOffer, mut send: quinn::SendStream) {
         let lease = Lease::of(&offer);
+        let stopping = self.draining.load(std::sync::atomic::Ordering::SeqCst);
         let (ack, start) = match decode_offer(&offer) {
             Err(reason) => (declined(reason), None),
+            Ok(_) if stopping => (declined("the worker is shutting down".into()), None),
             Ok(job) => match self.jobs.admit(lease) {
                 Admission::Run => (accepted(), Some(job)),
                 Admission::AlreadyHeld => (accepted(), None),

@@ -36,6 +36,11 @@ pub struct WorkerConfig {
     /// milliseconds. Default 1000; keep it well under the coordinators' `scheduler.lease_ms`.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// On SIGTERM or Ctrl-C, how long running jobs may go on to finish (no new ones are
+    /// taken) before they are stopped and handed back, in milliseconds. Default 25000, inside
+    /// Kubernetes' default 30 s grace period; 0 stops them at once.
+    #[serde(default = "default_drain_ms")]
+    pub drain_ms: u64,
     /// Free-form labels for placement (`pool = "fast-disks"`). Default: none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -62,6 +67,10 @@ fn default_capacity() -> u32 {
 
 fn default_heartbeat_ms() -> u64 {
     DEFAULT_HEARTBEAT_MS
+}
+
+fn default_drain_ms() -> u64 {
+    25_000
 }
 
 impl WorkerConfig {

@@ -106,6 +106,8 @@ enum Seen {
     /// A progress stream ended (finished by the worker), after progress of this job.
     ProgressEnd(usize, Option<JobId>),
     Result(usize, JobResult),
+    /// The worker leaves: draining first (`true`), then gone.
+    Leave(bool),
 }
 
 struct Shared {
@@ -312,6 +314,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
                         }),
                     }
                 }
+                (WorkerMsg::Leave(l), Mode::Leader) => {
+                    let _ = shared.tx.send(Seen::Leave(l.drain));
+                    ack
+                }
                 (other, Mode::Leader) => panic!("unexpected request {other:?}"),
             };
             if wire::write_frame(&mut send, &reply).await.is_ok() {
@@ -360,6 +366,7 @@ impl Setup {
             store: self.store_dir(),
             capacity: 2,
             heartbeat_ms: 100,
+            drain_ms: 0,
             labels: BTreeMap::from([("pool".to_string(), "test".to_string())]),
             tls: TlsConfig {
                 ca: self.pki.ca_cert.clone(),
@@ -846,5 +853,50 @@ async fn capacity_bounds_the_jobs_taken_and_cancel_stops_one() {
         "a cancelled job reports nothing: {later:?}"
     );
     worker.stop().await;
+    drop(registry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_drains_declines_offers_then_hands_its_jobs_back() {
+    let setup = Setup::new();
+    let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let job = hanging_job(registry.local_addr().unwrap());
+    let mut c1 = TestCoordinator::start(&setup.pki_dir(), "c1", Mode::Leader).await;
+    let mut config = setup.config(vec![c1.addr]);
+    config.drain_ms = 1500;
+    let worker = RunningWorker::start(config).await;
+    c1.expect("Register", |s| match s {
+        Seen::Register(..) => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(c1.ask(0, offer(1, 1, 1, &job)).await.accepted);
+
+    // Told to stop, it first drains: the leader hears so, and new offers are declined.
+    let stopping = tokio::spawn(worker.stop());
+    c1.expect("a drain", |s| match s {
+        Seen::Leave(true) => Some(()),
+        _ => None,
+    })
+    .await;
+    let declined = c1.ask(0, offer(2, 1, 1, &job)).await;
+    assert!(
+        !declined.accepted && declined.reason.contains("shutting down"),
+        "{}",
+        declined.reason
+    );
+    // The job never finishes: once the drain time is up, it is handed back.
+    let started = std::time::Instant::now();
+    c1.expect("the hand-back", |s| match s {
+        Seen::Leave(false) => Some(()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "it waited for the drain time: {:?}",
+        started.elapsed()
+    );
+    stopping.await.unwrap();
     drop(registry);
 }

@@ -185,6 +185,30 @@ async fn worker_request(
                 Err(e) => worker_propose_error(shared, e),
             }
         }
+        WorkerMsg::Leave(leave) => {
+            let mode = if leave.drain {
+                state::Removal::Drain
+            } else {
+                state::Removal::Gone
+            };
+            let cmd = state::Command::RemoveWorker {
+                now_ms: now_ms(),
+                name: name.to_string(),
+                mode,
+            };
+            match shared.submit(&cmd).await {
+                Ok(state::Response::WorkerRemoved { requeued, .. }) => {
+                    tracing::info!(worker = %name, %mode, requeued = requeued.len(), "worker leaving");
+                    if !leave.drain {
+                        let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
+                        workers.remove(name);
+                    }
+                    ack(true, "")
+                }
+                Ok(other) => ack(false, format!("{other:?}")),
+                Err(e) => worker_propose_error(shared, e),
+            }
+        }
         WorkerMsg::Progress(_) | WorkerMsg::Ack(_) => {
             ack(false, "progress goes on a unidirectional stream")
         }

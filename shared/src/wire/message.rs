@@ -120,6 +120,15 @@ pub enum WorkerMsg {
     Result(JobResult),
     /// Answer to a job offer: taken, or declined with a reason.
     Ack(JobAck),
+    /// The worker is shutting down; answered by [`CoordinatorToWorker::Ack`].
+    Leave(LeaveCluster),
+}
+
+/// A worker leaving: first draining (no new jobs; the running ones finish), then gone (the
+/// jobs it still holds go back to the queue at once, without waiting for their leases).
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct LeaveCluster {
+    pub drain: bool,
 }
 
 /// What a coordinator sends a worker: answers to [`WorkerMsg`] requests, and requests of its

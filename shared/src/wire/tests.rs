@@ -197,6 +197,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
         assert_eq!(&round_trip(&client_conn, "PeerMsg", msg).await, msg);
     }
     let mut workers = vec![
+        WorkerMsg::Leave(LeaveCluster { drain: true }),
         WorkerMsg::Register(RegisterWorker {
             name: "w1".into(),
             native: vec!["linux/amd64".into()],
