@@ -370,26 +370,13 @@ async fn build(args: BuildArgs) -> Result<()> {
     // snapshots released before the process exits.
     let result = tokio::select! {
         done = work => done,
-        signal = interrupted() => Err(anyhow!("build {signal}: its running steps were stopped")),
+        signal = strata_shared::signal::stop_requested() => {
+            Err(anyhow!("build {signal}: its running steps were stopped"))
+        }
     };
     drop(progress);
     let _ = printer.await;
     result
-}
-
-/// Resolves on SIGINT or SIGTERM, naming it.
-pub(crate) async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "interrupted",
-            _ = term.recv() => "terminated",
-        },
-        _ => std::future::pending().await,
-    }
 }
 
 /// `strata build --coordinator ...`: the build runs on the cluster; the outputs are written

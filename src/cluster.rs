@@ -520,7 +520,7 @@ pub async fn build_on_cluster(
     // Watch it to the end; an interrupted client cancels it rather than leave it running.
     tokio::select! {
         done = watch_to_end(access, build_id, progress) => done,
-        signal = crate::build::interrupted() => {
+        signal = strata_shared::signal::stop_requested() => {
             progress.send(Event::Note {
                 text: format!("{signal}: cancelling build {build_id} on the cluster"),
             });

@@ -41,29 +41,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         .thread_name("strata-worker")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(agent::run_until(config, stop_signal()));
+    let result = runtime.block_on(agent::run_until(config, async {
+        strata_shared::signal::stop_requested().await;
+    }));
     // A step still running in a blocking thread (a container) is not waited for long.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result.with_context(|| format!("worker configured by {}", args.config.display()))
-}
-
-/// Completes on Ctrl-C (SIGINT) or SIGTERM (what Kubernetes and systemd send).
-async fn stop_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        () = terminate => {}
-        () = interrupt => {}
-    }
 }

@@ -1264,3 +1264,30 @@ fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
         );
     }
 }
+
+#[test]
+fn a_leader_told_to_stop_hands_leadership_over_first() {
+    let mut cluster = Cluster::init();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let leader = cluster.leader_seen_by(0);
+    let old = index_of(&leader);
+    let pid = cluster.children[old]
+        .as_ref()
+        .map(|c| c.id().to_string())
+        .unwrap_or_default();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    cluster.wait_stopped(old);
+    assert!(
+        cluster
+            .log_of(&leader)
+            .contains("stopping: leadership handed over"),
+        "{}",
+        cluster.logs()
+    );
+    let survivor = (old + 1) % 3;
+    cluster.wait_until("the successor leading", 10, |c| {
+        c.leader_seen_by(survivor) != leader
+    });
+}

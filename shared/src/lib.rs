@@ -25,6 +25,7 @@ pub mod platform;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod wire;

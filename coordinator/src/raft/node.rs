@@ -241,7 +241,7 @@ impl<S: StateMachine> RaftNode<S> {
         // A removed leader's first hand-over can fail (the successor had not applied the
         // removal yet and refused to campaign); raft-rs aborts it after an election timeout.
         if self.removed && self.is_leader() && self.raw.raft.lead_transferee.is_none() {
-            self.hand_over_leadership();
+            let _ = self.hand_over_leadership();
         }
     }
 
@@ -670,25 +670,30 @@ impl<S: StateMachine> RaftNode<S> {
         }
         self.removed = true;
         if self.is_leader() {
-            self.hand_over_leadership();
+            let _ = self.hand_over_leadership();
         }
     }
 
-    /// Transfers leadership to the most caught-up voter (lowest id on ties).
-    fn hand_over_leadership(&mut self) {
+    /// On the leader: transfers leadership to the most caught-up other voter (lowest id on
+    /// ties), as a removed leader does, or one about to stop. The successor, if there is one.
+    pub fn hand_over_leadership(&mut self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
         let conf = self.raw.raft.prs().conf();
         let successor = self
             .raw
             .raft
             .prs()
             .iter()
-            .filter(|(id, _)| conf.voters().contains(**id))
+            .filter(|(id, _)| **id != self.id && conf.voters().contains(**id))
             .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
             .map(|(id, _)| *id);
         if let Some(successor) = successor {
-            tracing::info!(target: "strata::raft", node = self.id, successor, "removed leader hands over leadership");
+            tracing::info!(target: "strata::raft", node = self.id, successor, "leader hands over leadership");
             self.raw.transfer_leader(successor);
         }
+        successor
     }
 
     fn resolve(&mut self, index: u64, context: &[u8], outcome: Result<Vec<u8>, ProposalError>) {

@@ -40,6 +40,8 @@ enum Request {
     Step(u64, Vec<u8>),
     /// A member says this node was removed from the group.
     Removed(wire::RemovedNotice),
+    /// This node is stopping: if it leads, hand leadership over.
+    HandOver(oneshot::Sender<Option<u64>>),
     Unreachable(u64),
     /// A snapshot message to the peer was delivered, or not.
     SnapshotSent(u64, bool),
@@ -110,6 +112,13 @@ impl NodeHandle {
             Ok(Err(_)) => Err(ProposeError::Failed("the raft task has stopped".into())),
             Err(_) => Err(ProposeError::NoQuorum),
         }
+    }
+
+    /// If this node leads, hands leadership to the most caught-up other voter; the successor.
+    pub async fn hand_over(&self) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Request::HandOver(tx)).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Runs `f` on the Raft node itself (progress of peers, membership).
@@ -224,6 +233,9 @@ pub(super) fn start_node(
                         Request::ConfChange(change, reply) => {
                             let proposed = node.propose_conf_change(change);
                             track(proposed, reply, &mut waiting);
+                        }
+                        Request::HandOver(reply) => {
+                            let _ = reply.send(node.hand_over_leadership());
                         }
                         Request::Query(q) => q(&node.state_machine().0),
                         Request::Inspect(f) => f(&node),
