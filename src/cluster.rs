@@ -388,9 +388,14 @@ pub fn status(args: StatusArgs) -> Result<()> {
             Some(ms) => format!("heartbeat {:.1}s ago", ms as f64 / 1000.0),
             None => "not connected here".to_string(),
         };
+        let draining = if w.state == "active" {
+            String::new()
+        } else {
+            format!(" ({})", w.state)
+        };
         let _ = writeln!(
             out,
-            "  {} native {} emulated {} capacity {} running {}  {seen}",
+            "  {}{draining} native {} emulated {} capacity {} running {}  {seen}",
             w.name,
             w.native.join(","),
             w.emulated.join(","),

@@ -1213,7 +1213,7 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
 fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
     let registry = strata_testkit::busybox_registry();
     let (cluster, mut workers) = started_cluster(&["w1", "w2"]);
-    let ctx = slow_context(&registry, 3);
+    let ctx = slow_context(&registry, 4);
     let out = cluster.dir.path().join("out");
     let (child, log) = cluster.spawn_build(ctx.path(), &out);
     // SIGTERM (what Kubernetes sends on scale-down) to the worker running the slow stage.
@@ -1222,6 +1222,12 @@ fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
     let _ = Command::new("kill")
         .args(["-TERM", &workers[busy].id().to_string()])
         .status();
+    // While its stage finishes, the cluster lists it as draining.
+    let leader = cluster.leader_index();
+    cluster.wait_until("the worker listed as draining", 10, |c| {
+        c.status(leader)
+            .is_ok_and(|t| t.contains(&format!("{name} (draining)")))
+    });
     let (ok, text) = finish_build(child, &log, 120);
     let mut leaving = workers.remove(busy);
     let deadline = Instant::now() + Duration::from_secs(40);

@@ -317,6 +317,7 @@ async fn status(shared: &Shared) -> StatusReply {
                 .filter(|w| w.state != state::WorkerState::Gone)
                 .map(|w| wire::WorkerStatus {
                     name: w.name.clone(),
+                    state: w.state.name().to_string(),
                     native: w.capabilities.native.iter().map(ToString::to_string).collect(),
                     emulated: w.capabilities.emulated.iter().map(ToString::to_string).collect(),
                     capacity: w.capacity,

@@ -379,6 +379,8 @@ pub enum RaftState {
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub name: String,
+    /// `active`, or `draining` (it takes no new jobs; see [`LeaveCluster`]).
+    pub state: String,
     pub native: Vec<String>,
     pub emulated: Vec<String>,
     pub capacity: u32,

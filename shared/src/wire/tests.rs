@@ -309,6 +309,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             leader: Some("10.0.0.1:7400".into()),
             workers: vec![WorkerStatus {
                 name: "w1".into(),
+                state: "draining".into(),
                 native: vec!["linux/amd64".into()],
                 emulated: Vec::new(),
                 capacity: 4,
