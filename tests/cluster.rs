@@ -1176,7 +1176,7 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
     );
     cluster.wait_until("the cancelled build being forgotten", 30, |_| {
         String::from_utf8_lossy(&cancel(&build.to_string()).stderr)
-            .contains(&format!("unknown build b{build}"))
+            .contains(&format!("unknown build {build}"))
     });
     // A build that fails stops its other running stages the same way.
     std::fs::write(
@@ -1203,7 +1203,7 @@ fn a_cancelled_build_stops_its_containers_on_the_workers() {
     let unknown = cancel("999999");
     let said = String::from_utf8_lossy(&unknown.stderr);
     assert!(
-        !unknown.status.success() && said.contains("unknown build b999999"),
+        !unknown.status.success() && said.contains("unknown build 999999"),
         "{said}"
     );
     stop(workers);

@@ -79,7 +79,7 @@ pub struct JobId(pub u64);
 
 impl fmt::Display for BuildId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "b{}", self.0)
+        write!(f, "{}", self.0)
     }
 }
 

@@ -1265,7 +1265,7 @@ fn queries_summarise_the_cluster() {
         "{text}"
     );
     assert!(
-        text.contains("build b1 [team] running: 2/4 done, 0 running, 1 ready"),
+        text.contains("build 1 [team] running: 2/4 done, 0 running, 1 ready"),
         "{text}"
     );
     assert!(
