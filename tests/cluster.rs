@@ -1297,3 +1297,50 @@ fn a_leader_told_to_stop_hands_leadership_over_first() {
         c.leader_seen_by(survivor) != leader
     });
 }
+
+#[test]
+fn a_coordinator_that_never_catches_up_stays_a_learner_and_can_be_removed() {
+    let mut cluster = Cluster::init();
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    cluster.leader_seen_by(0);
+    let c4_addr = cluster.addrs[3].clone();
+    let out = Command::new(STRATA)
+        .args(["coordinator", "init-join", "--out"])
+        .arg(cluster.dir.path())
+        .args(["--listen", &c4_addr])
+        .output()
+        .expect("strata coordinator init-join");
+    assert!(out.status.success());
+    // c4 is never started: it cannot catch up, the add says so, and the quorum is untouched.
+    let add = ["add", "--id", "4", "--name", "c4", "--addr", &c4_addr];
+    let (ok, text) = cluster.coordinator_cmd(&add, true);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("coordinator 4 (c4 at") && text.contains("is a learner but has replicated"),
+        "{text}"
+    );
+    let members = cluster.members_seen_by(0);
+    assert!(
+        members
+            .iter()
+            .any(|(id, state)| *id == 4 && state == "Learner"),
+        "{members:?}"
+    );
+    let voters: Vec<u64> = members
+        .iter()
+        .filter(|(_, s)| s != "Learner")
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(voters, [1, 2, 3]);
+    // A learner that will never come is removed like any member.
+    let (ok, text) = cluster.coordinator_cmd(&["remove", "--id", "4"], true);
+    assert!(
+        ok && text.contains("3 voters, tolerating 1 failed"),
+        "{text}"
+    );
+    cluster.wait_until("the group of three again", 10, |c| {
+        c.members_seen_by(0).iter().map(|m| m.0).collect::<Vec<_>>() == [1, 2, 3]
+    });
+}
