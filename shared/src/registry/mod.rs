@@ -1929,11 +1929,11 @@ mod tests {
     use strata_testkit::stub::{StubRequest, StubResponse, StubServer};
     use strata_testkit::{Registry, busybox_layout, busybox_registry, read_layout_blob};
 
-    fn anonymous() -> RegistryClient {
+    pub(super) fn anonymous() -> RegistryClient {
         RegistryClient::with_credentials(Credentials::none()).unwrap()
     }
 
-    fn image(addr: &str, rest: &str) -> ImageRef {
+    pub(super) fn image(addr: &str, rest: &str) -> ImageRef {
         ImageRef::parse(&format!("{addr}/{rest}")).unwrap()
     }
 
@@ -1942,7 +1942,7 @@ mod tests {
     }
 
     /// The error and its sources, as `a: b: c`.
-    fn chain(e: &dyn std::error::Error) -> String {
+    pub(super) fn chain(e: &dyn std::error::Error) -> String {
         let mut out = e.to_string();
         let mut source = e.source();
         while let Some(s) = source {

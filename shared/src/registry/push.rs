@@ -829,32 +829,13 @@ mod tests {
     use std::sync::{Arc, OnceLock};
     use std::time::Instant;
 
+    use crate::registry::tests::{anonymous, chain, image};
     use crate::registry::{Credentials, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
     use crate::store::RECORD_VERSION;
     use base64::Engine as _;
     use serde_json::{Value, json};
     use strata_testkit::stub::{StubRequest, StubResponse, StubServer};
     use strata_testkit::{Registry, busybox_layout, read_layout_blob};
-
-    fn anonymous() -> RegistryClient {
-        RegistryClient::with_credentials(Credentials::none()).unwrap()
-    }
-
-    fn image(addr: &str, rest: &str) -> ImageRef {
-        ImageRef::parse(&format!("{addr}/{rest}")).unwrap()
-    }
-
-    /// The error and its sources, as `a: b: c`.
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
-            source = s.source();
-        }
-        out
-    }
 
     fn json_of(bytes: &[u8]) -> Value {
         serde_json::from_slice(bytes).unwrap()
