@@ -23,29 +23,16 @@ use strata_worker::engine::Engine;
 use strata_worker::hashcache::HashCache;
 use strata_worker::snapshot::SnapshotKind;
 
-use crate::plan::{parse_build_args, parse_platforms, read_dockerfile};
+use crate::plan::{DockerfileArgs, parse_build_args, parse_platforms, read_dockerfile};
 use crate::progress;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The build context directory.
-    #[arg(default_value = ".")]
-    context: PathBuf,
-    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads standard input).
-    #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    #[command(flatten)]
+    dockerfile: DockerfileArgs,
     /// Name (and tag) of the image, `NAME[:TAG]`; may be repeated.
     #[arg(short = 't', long = "tag")]
     tags: Vec<String>,
-    /// The stage to build (default: the last one).
-    #[arg(long)]
-    target: Option<String>,
-    /// A build argument, `KEY=VALUE`, or `KEY` to take the value from the environment.
-    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
-    build_args: Vec<String>,
-    /// Target platforms, comma-separated or repeated (default: this machine's).
-    #[arg(long = "platform", value_delimiter = ',')]
-    platforms: Vec<String>,
     /// Where the image goes: `type=oci,dest=FILE`, `type=docker,dest=FILE`,
     /// `type=local,dest=DIR`, `type=image,name=REF,push=true` (or `type=registry`), with
     /// `compression=gzip|zstd|uncompressed` for new layers; a bare path means
@@ -64,9 +51,6 @@ pub struct BuildArgs {
     /// Extra privileges: `network.host` lets `RUN --network=host` use the host's network.
     #[arg(long = "allow", value_delimiter = ',')]
     allow: Vec<String>,
-    /// Whether stages of a platform this machine cannot run natively may run under QEMU.
-    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
-    emulation: String,
     /// Build on a cluster: its coordinators' addresses (comma-separated). Without it the build
     /// runs here, on an embedded coordinator and worker.
     #[arg(long, value_delimiter = ',', env = "STRATA_COORDINATOR")]
@@ -276,13 +260,14 @@ pub fn run(args: BuildArgs) -> Result<()> {
 }
 
 async fn build(args: BuildArgs) -> Result<()> {
-    let (file_name, dockerfile) = read_dockerfile(&args.context, args.file.as_deref())?;
+    let (file_name, dockerfile) =
+        read_dockerfile(&args.dockerfile.context, args.dockerfile.file.as_deref())?;
     // Errors name the Dockerfile as BuildKit does: by its file name.
     let short_name = Path::new(&file_name)
         .file_name()
         .map_or_else(|| file_name.clone(), |n| n.to_string_lossy().into_owned());
-    let context = std::fs::canonicalize(&args.context)
-        .with_context(|| format!("build context {}", args.context.display()))?;
+    let context = std::fs::canonicalize(&args.dockerfile.context)
+        .with_context(|| format!("build context {}", args.dockerfile.context.display()))?;
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
     }
@@ -331,10 +316,10 @@ async fn build(args: BuildArgs) -> Result<()> {
         dockerfile: dockerfile.clone(),
         context,
         options: BuildOptions {
-            build_args: parse_build_args(&args.build_args)?,
-            target: args.target.clone(),
+            build_args: parse_build_args(&args.dockerfile.build_args)?,
+            target: args.dockerfile.target.clone(),
         },
-        platforms: parse_platforms(&args.platforms)?,
+        platforms: parse_platforms(&args.dockerfile.platforms)?,
         build_platform: Platform::host(),
         no_cache: args.no_cache,
         secrets,
@@ -342,6 +327,7 @@ async fn build(args: BuildArgs) -> Result<()> {
         compression,
         workers: vec![local_worker()],
         emulation: args
+            .dockerfile
             .emulation
             .parse()
             .map_err(|e: String| anyhow!("--emulation: {e}"))?,
@@ -415,14 +401,14 @@ async fn build_remote(
         dockerfile,
         context_id: String::new(),
         options: BuildOptions {
-            build_args: parse_build_args(&args.build_args)?,
-            target: args.target.clone(),
+            build_args: parse_build_args(&args.dockerfile.build_args)?,
+            target: args.dockerfile.target.clone(),
         },
-        platforms: parse_platforms(&args.platforms)?,
+        platforms: parse_platforms(&args.dockerfile.platforms)?,
         no_cache: args.no_cache,
         allow_host_network,
         compression,
-        emulation: args.emulation.clone(),
+        emulation: args.dockerfile.emulation.clone(),
         tenant: args.tenant.clone(),
     };
     let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {

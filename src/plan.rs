@@ -12,29 +12,37 @@ use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
 use strata_shared::platform::Platform;
 
+/// What `strata build` and `strata plan` both take: the Dockerfile, its context, and what
+/// selects the stages and platforms to build.
 #[derive(Debug, Args)]
-pub struct PlanArgs {
+pub struct DockerfileArgs {
     /// The build context directory.
     #[arg(default_value = ".")]
-    context: PathBuf,
+    pub context: PathBuf,
     /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads standard input).
     #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    pub file: Option<PathBuf>,
     /// The stage to build (default: the last one).
     #[arg(long)]
-    target: Option<String>,
+    pub target: Option<String>,
     /// A build argument, `KEY=VALUE`, or `KEY` to take the value from the environment.
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
-    build_args: Vec<String>,
+    pub build_args: Vec<String>,
     /// Target platforms, comma-separated or repeated (default: this machine's).
     #[arg(long = "platform", value_delimiter = ',')]
-    platforms: Vec<String>,
+    pub platforms: Vec<String>,
+    /// Whether stages of a platform this machine cannot run natively may run under QEMU.
+    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+    pub emulation: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    dockerfile: DockerfileArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Whether stages of a platform this machine cannot run natively may run under QEMU.
-    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
-    emulation: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -100,19 +108,21 @@ pub fn parse_platforms(raw: &[String]) -> Result<Vec<Platform>> {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
-    let (name, source) = read_dockerfile(&args.context, args.file.as_deref())?;
+    let (name, source) =
+        read_dockerfile(&args.dockerfile.context, args.dockerfile.file.as_deref())?;
     let df = Dockerfile::parse(&source).map_err(|e| anyhow!(e.render(&name, &source)))?;
     for w in &df.ast.warnings {
         eprintln!("warning: {name}:{}: {}", w.line, w.message);
     }
     let opts = BuildOptions {
-        build_args: parse_build_args(&args.build_args)?,
-        target: args.target,
+        build_args: parse_build_args(&args.dockerfile.build_args)?,
+        target: args.dockerfile.target,
     };
-    let platforms = parse_platforms(&args.platforms)?;
+    let platforms = parse_platforms(&args.dockerfile.platforms)?;
     let mut plan = dag::plan(&df, &opts, &Platform::host(), &platforms)
         .map_err(|e| anyhow!(e.render(&name, &source)))?;
     let emulation: Emulation = args
+        .dockerfile
         .emulation
         .parse()
         .map_err(|e: String| anyhow!("--emulation: {e}"))?;
