@@ -31,7 +31,6 @@ pub struct NodeView {
     pub removed: bool,
 }
 
-type Query = Box<dyn FnOnce(&state::StateMachine) + Send>;
 type Inspect = Box<dyn FnOnce(&RaftNode<ClusterState>) + Send>;
 type Reply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
 
@@ -47,7 +46,6 @@ enum Request {
     SnapshotSent(u64, bool),
     Propose(Vec<u8>, Reply),
     ConfChange(raft::MembershipChange, Reply),
-    Query(Query),
     Inspect(Inspect),
 }
 
@@ -139,12 +137,7 @@ impl NodeHandle {
         &self,
         f: impl FnOnce(&state::StateMachine) -> T + Send + 'static,
     ) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        let q: Query = Box::new(move |s| {
-            let _ = tx.send(f(s));
-        });
-        self.tx.send(Request::Query(q)).await.ok()?;
-        rx.await.ok()
+        self.inspect(move |node| f(&node.state_machine().0)).await
     }
 }
 
@@ -237,7 +230,6 @@ pub(super) fn start_node(
                         Request::HandOver(reply) => {
                             let _ = reply.send(node.hand_over_leadership());
                         }
-                        Request::Query(q) => q(&node.state_machine().0),
                         Request::Inspect(f) => f(&node),
                     }
                 }
