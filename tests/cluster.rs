@@ -554,6 +554,14 @@ impl Cluster {
     }
 }
 
+/// Job ids taken by the workers: none twice.
+fn assert_no_job_ran_twice(taken: &[u64]) {
+    let mut unique = taken.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
+}
+
 /// Waits for a background build; its success and log.
 fn finish_build(
     mut child: Child,
@@ -635,10 +643,7 @@ fn the_leader_killed_mid_build_is_replaced_and_no_finished_stage_runs_again() {
         std::fs::read_to_string(out.join("s")).unwrap_or_default(),
         "slow\n"
     );
-    let mut unique = taken.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), taken.len(), "every job ran once: {taken:?}");
+    assert_no_job_ran_twice(&taken);
     assert_eq!(taken.len(), 3, "three stages: {taken:?}");
 }
 
@@ -860,10 +865,7 @@ fn a_partitioned_leader_steps_down_and_no_job_completes_twice() {
         std::fs::read_to_string(out.join("s")).unwrap_or_default(),
         "slow\n"
     );
-    let mut unique = taken.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
+    assert_no_job_ran_twice(&taken);
     assert_eq!(delivered, 3, "each of the three jobs completed once");
 }
 
@@ -907,18 +909,25 @@ impl Cluster {
     /// Waits (at most 30 s) for coordinator `i` to stop by itself, cleanly.
     fn wait_stopped(&mut self, i: usize) {
         let mut child = self.children[i].take().expect("the coordinator runs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
+        let name = format!("c{}", i + 1);
+        let status = self.wait_exit(&mut child, &name, 30);
+        assert!(status.success(), "{name} stops cleanly: {status}");
+    }
+
+    /// Waits (at most `secs`) for the process `name` runs as to exit by itself; killed, with
+    /// the logs, when it does not.
+    fn wait_exit(&self, child: &mut Child, name: &str, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
             if let Ok(Some(status)) = child.try_wait() {
-                break status;
+                return status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("c{} did not stop:\n{}", i + 1, self.logs());
+                panic!("{name} did not stop in {secs}s:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(100));
-        };
-        assert!(status.success(), "c{} stops cleanly: {status}", i + 1);
+        }
     }
 
     /// The coordinators `strata status` lists when asked at node `i`: (id, state) pairs.
@@ -1230,18 +1239,7 @@ fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
     });
     let (ok, text) = finish_build(child, &log, 120);
     let mut leaving = workers.remove(busy);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Ok(Some(status)) = leaving.try_wait() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not leave:\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = cluster.wait_exit(&mut leaving, name, 40);
     let taken: Vec<u64> = [cluster.jobs_taken("w1"), cluster.jobs_taken("w2")].concat();
     stop(workers);
     assert!(ok, "{text}\n{}", cluster.logs());
@@ -1254,10 +1252,7 @@ fn a_worker_told_to_stop_finishes_its_stage_then_leaves() {
         cluster.log_of(name)
     );
     // Its stage finished where it started: nothing ran twice.
-    let mut unique = taken.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), taken.len(), "no job ran twice: {taken:?}");
+    assert_no_job_ran_twice(&taken);
     // The leader heard it drain, then go.
     let leader_logs: String = (1..=3).map(|i| cluster.log_of(&format!("c{i}"))).collect();
     for mode in ["mode=drain", "mode=gone"] {
