@@ -219,13 +219,17 @@ impl BlobStore {
 
     /// The bytes of a small blob, verified.
     pub async fn get_bytes(&self, b3: &str) -> Result<Bytes, StoreError> {
-        let p = blob_path(b3);
-        let bytes = match self.inner.get(&p).await {
-            Ok(r) => r.bytes().await.map_err(|e| backend("get", &p, e))?,
+        self.get_verified(&blob_path(b3), b3, "blob").await
+    }
+
+    /// The object at `p`, whose blake3 must be `b3`; `what` names it when it is missing.
+    async fn get_verified(&self, p: &StorePath, b3: &str, what: &str) -> Result<Bytes, StoreError> {
+        let bytes = match self.inner.get(p).await {
+            Ok(r) => r.bytes().await.map_err(|e| backend("get", p, e))?,
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::NotFound(format!("blob {b3}")));
+                return Err(StoreError::NotFound(format!("{what} {b3}")));
             }
-            Err(e) => return Err(backend("get", &p, e)),
+            Err(e) => return Err(backend("get", p, e)),
         };
         let actual = blake3::hash(&bytes).to_hex().to_string();
         if actual != b3 {
@@ -360,21 +364,7 @@ impl BlobStore {
     /// A build-context manifest, verified against its key.
     pub async fn get_context_manifest(&self, b3: &str) -> Result<Bytes, StoreError> {
         let p = StorePath::from(format!("ctx/{b3}"));
-        let bytes = match self.inner.get(&p).await {
-            Ok(r) => r.bytes().await.map_err(|e| backend("get", &p, e))?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::NotFound(format!("context manifest {b3}")));
-            }
-            Err(e) => return Err(backend("get", &p, e)),
-        };
-        let actual = blake3::hash(&bytes).to_hex().to_string();
-        if actual != b3 {
-            return Err(StoreError::Corrupt {
-                key: b3.to_string(),
-                actual,
-            });
-        }
-        Ok(bytes)
+        self.get_verified(&p, b3, "context manifest").await
     }
 
     /// A remembered value computed from immutable inputs (`memo/<key>`), such as the content
