@@ -539,6 +539,10 @@ pub fn prune_copied_up(upper: &Path, lowers: &[PathBuf]) -> Result<(), LayerErro
             let child_abs = abs.join(&name);
             let child_rel = rel.join(&name);
             let stat = Stat::read(&child_abs)?;
+            if stat.is_whiteout() {
+                // As unpacking its blob makes it: the blob keeps no time for a deletion.
+                zero_times(&child_abs)?;
+            }
             let unchanged_dir = stat.kind == FileKind::Dir
                 && !stat.is_opaque()
                 && lower_stat(lowers, &child_rel)?.is_some_and(|l| l.same_metadata(&stat))
@@ -553,6 +557,13 @@ pub fn prune_copied_up(upper: &Path, lowers: &[PathBuf]) -> Result<(), LayerErro
     }
     visit(upper, Path::new(""), lowers)?;
     Ok(())
+}
+
+/// Sets a whiteout's times to the epoch, as its marker in a layer blob has them (see
+/// [`marker_header`]), so that a kept upper dir and an unpacked blob agree.
+fn zero_times(abs: &Path) -> Result<(), LayerError> {
+    filetime::set_symlink_file_times(abs, filetime::FileTime::zero(), filetime::FileTime::zero())
+        .map_err(io_err("set the times of", abs))
 }
 
 /// What the overlay shows at `rel` without the upper dir: the topmost lower entry, unless a
@@ -1949,6 +1960,7 @@ impl Unpacker<'_> {
                         e as i32,
                     ))
                 })?;
+                zero_times(&abs)?;
                 self.written.insert(rel.to_path_buf());
             }
         }
