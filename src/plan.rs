@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
-use strata_coordinator::placement::{Emulation, place_plan};
+use strata_coordinator::placement::{Emulation, place_all};
 use strata_shared::dag;
 use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
@@ -114,6 +114,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
     for w in &df.ast.warnings {
         eprintln!("warning: {name}:{}: {}", w.line, w.message);
     }
+    if let Some(note) = df.frontend_note() {
+        eprintln!("note: {note}");
+    }
     let opts = BuildOptions {
         build_args: parse_build_args(&args.dockerfile.build_args)?,
         target: args.dockerfile.target,
@@ -126,8 +129,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .emulation
         .parse()
         .map_err(|e: String| anyhow!("--emulation: {e}"))?;
-    place_plan(&mut plan, &[crate::build::local_worker()], emulation)
-        .map_err(|e| anyhow!("{e}"))?;
+    // A plan answers for every stage: those no worker runs are marked, not refused.
+    place_all(&mut plan, &[crate::build::local_worker()], emulation);
     match args.format {
         Format::Text => print!("{}", plan.to_text()),
         Format::Json => println!("{}", plan.to_json()),

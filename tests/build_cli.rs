@@ -871,3 +871,29 @@ fn an_interrupted_build_stops_its_containers_and_releases_its_mounts() {
         "mounts left under {state}:\n{mounts}"
     );
 }
+
+#[test]
+fn real_world_patterns_build_and_mounts_without_a_target_land_in_the_workdir() {
+    let f = Fixture::new();
+    let dockerfile =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dockerfiles/farm-patterns/Dockerfile");
+    f.write("Dockerfile", &read(&dockerfile));
+    let base = format!("BASE={}", f.busybox());
+    let (root, log) = f.build_local("rootfs", &["--build-arg", &base]);
+    assert!(
+        log.contains(
+            "using the built-in Dockerfile frontend for docker/dockerfile-upstream:master"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("never-used"), "{log}");
+    // The bind mount without a target was the working directory: the step read the sources'
+    // VERSION there, and its write went to the mount (rw), not into the image.
+    assert_eq!(read(&root.join("profiler")), "v1.4\n");
+    assert_eq!(read(&root.join("shim")), "linux\n");
+    assert_eq!(read(&root.join("tools-arch")), "x86_64\n");
+
+    // A build is not a plan: a platform no worker runs is refused before anything runs.
+    let err = f.build_err(&["--build-arg", &base, "--platform", "windows/amd64"]);
+    assert!(err.contains("no worker can build windows/amd64"), "{err}");
+}

@@ -197,3 +197,95 @@ fn structural_errors_are_clear() {
     let e = refused("FROM busybox\n", &["--platform", "linux/"]);
     assert!(e.contains("invalid platform"), "{e}");
 }
+
+/// `strata plan --format json` of `tests/dockerfiles/farm-patterns` for one platform: the
+/// stage names it keeps, and each stage's JSON by name.
+fn farm_plan(platform: &str) -> (Vec<String>, serde_json::Value) {
+    let v = plan_json(&[
+        "plan",
+        "tests/dockerfiles/farm-patterns",
+        "--platform",
+        platform,
+        "--format",
+        "json",
+    ]);
+    let names = v["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| format!("{} {}", s["name"].as_str().unwrap_or(""), s["platform"]))
+        .collect();
+    (names, v)
+}
+
+#[test]
+fn real_world_patterns_select_stages_as_buildkit_does() {
+    // linux/amd64: the platform ARGs computed into a stage name pick profiler-present, the
+    // TARGETOS name picks shim-linux; unused stages are pruned.
+    let (names, _) = farm_plan("linux/amd64");
+    assert_eq!(
+        names,
+        [
+            "profiler-src \"linux/amd64\"",
+            "profiler-present \"linux/amd64\"",
+            "profiler \"linux/amd64\"",
+            "shim-linux \"linux/amd64\"",
+            "shim \"linux/amd64\"",
+            "amd64-tools \"linux/amd64\"",
+            "stage-9 \"linux/amd64\"",
+        ]
+    );
+    // linux/s390x: the pattern operators leave a platform string, ${X:+"missing"} turns it
+    // into "missing" (so the profiler's sources are not needed); the amd64-pinned stage stays
+    // amd64; the others are for s390x, which no worker here runs: marked, not refused.
+    let (names, v) = farm_plan("linux/s390x");
+    assert_eq!(
+        names,
+        [
+            "profiler-missing \"linux/s390x\"",
+            "profiler \"linux/s390x\"",
+            "shim-linux \"linux/s390x\"",
+            "shim \"linux/s390x\"",
+            "amd64-tools \"linux/amd64\"",
+            "stage-9 \"linux/s390x\"",
+        ]
+    );
+    for stage in v["stages"].as_array().expect("stages") {
+        if stage["platform"] == "linux/s390x" {
+            assert_eq!(
+                stage["unplaceable"], "no worker runs linux/s390x",
+                "{stage}"
+            );
+        } else {
+            assert_eq!(stage["worker"], "local", "{stage}");
+        }
+    }
+}
+
+#[test]
+fn a_plan_for_a_platform_no_worker_runs_marks_it_and_succeeds() {
+    let out = strata(
+        &[
+            "plan",
+            "tests/dockerfiles/farm-patterns",
+            "--platform",
+            "windows/amd64",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        text.contains("shim-windows [5] windows/amd64")
+            && text.contains("unplaceable: no worker runs windows/amd64"),
+        "{text}"
+    );
+    assert!(text.contains("amd64-tools [7] linux/amd64"), "{text}");
+    assert!(
+        stderr.contains(
+            "note: using the built-in Dockerfile frontend for docker/dockerfile-upstream:master"
+        ),
+        "{stderr}"
+    );
+}

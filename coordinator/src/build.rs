@@ -79,7 +79,10 @@ pub async fn run<R: Runner>(
     runner: Arc<R>,
     progress: &Progress,
 ) -> Result<BuildResult, BuildError> {
-    let (_, plan) = plan(req)?;
+    let (df, plan) = plan(req)?;
+    if let Some(text) = df.frontend_note() {
+        progress.send(strata_shared::progress::Event::Note { text });
+    }
     let n = plan.instances.len();
     let mut outputs: Vec<Option<StageOutput>> = vec![None; n];
     let mut started = vec![false; n];

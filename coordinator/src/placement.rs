@@ -52,6 +52,9 @@ pub struct WorkerInfo {
 #[error("{message}")]
 pub struct PlacementError {
     pub platform: Platform,
+    /// Why, in a few words (`no worker runs windows/amd64`).
+    pub reason: String,
+    /// Why, naming the workers and what they run.
     pub message: String,
 }
 
@@ -62,7 +65,7 @@ pub fn place(
     emulation: Emulation,
 ) -> Result<Placement, PlacementError> {
     if let Some(w) = workers.iter().find(|w| w.capabilities.native_for(platform)) {
-        return Ok(Placement {
+        return Ok(Placement::On {
             worker: w.name.clone(),
             emulated: false,
         });
@@ -71,37 +74,63 @@ pub fn place(
         .iter()
         .find(|w| w.capabilities.emulated_for(platform));
     match (emulator, emulation) {
-        (Some(w), Emulation::Allow) => Ok(Placement {
+        (Some(w), Emulation::Allow) => Ok(Placement::On {
             worker: w.name.clone(),
             emulated: true,
         }),
-        (Some(_), Emulation::Deny) => Err(PlacementError {
-            platform: platform.clone(),
-            message: format!(
-                "no worker runs {platform} natively and emulation is denied (--emulation=deny); workers: {}",
-                list(workers)
-            ),
-        }),
+        (Some(_), Emulation::Deny) => {
+            let reason = format!(
+                "no worker runs {platform} natively and emulation is denied (--emulation=deny)"
+            );
+            Err(PlacementError {
+                platform: platform.clone(),
+                message: format!("{reason}; workers: {}", list(workers)),
+                reason,
+            })
+        }
         (None, _) => Err(PlacementError {
             platform: platform.clone(),
+            reason: format!("no worker runs {platform}"),
             message: format!("no worker can build {platform}; workers: {}", list(workers)),
         }),
     }
 }
 
-/// Places every stage instance of a plan, recording the result in the plan.
+/// Places every stage instance of a plan, recording where each runs, or why it cannot, in
+/// the plan; returns the instances that cannot be placed. A plan is a question: it is
+/// answered for every stage, placeable or not.
+pub fn place_all(
+    plan: &mut Plan,
+    workers: &[WorkerInfo],
+    emulation: Emulation,
+) -> Vec<PlacementError> {
+    let mut errors = Vec::new();
+    plan.placements = plan
+        .instances
+        .iter()
+        .map(|i| match place(&i.platform, workers, emulation) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = e.reason.clone();
+                errors.push(e);
+                Placement::Unplaceable { reason }
+            }
+        })
+        .collect();
+    errors
+}
+
+/// Places every stage instance of a plan for a build: the first instance that cannot be
+/// placed is the error.
 pub fn place_plan(
     plan: &mut Plan,
     workers: &[WorkerInfo],
     emulation: Emulation,
 ) -> Result<(), PlacementError> {
-    let placements = plan
-        .instances
-        .iter()
-        .map(|i| place(&i.platform, workers, emulation))
-        .collect::<Result<Vec<_>, _>>()?;
-    plan.placements = placements;
-    Ok(())
+    match place_all(plan, workers, emulation).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn list(workers: &[WorkerInfo]) -> String {
@@ -149,7 +178,7 @@ mod tests {
         let at = place(&p("linux/arm64/v8"), &workers(), Emulation::Allow).unwrap();
         assert_eq!(
             at,
-            Placement {
+            Placement::On {
                 worker: "arm-1".into(),
                 emulated: false
             }
@@ -157,7 +186,7 @@ mod tests {
         let at = place(&p("linux/amd64/v2"), &workers(), Emulation::Deny).unwrap();
         assert_eq!(
             at,
-            Placement {
+            Placement::On {
                 worker: "x86-1".into(),
                 emulated: false
             }
@@ -168,7 +197,7 @@ mod tests {
     fn emulation_only_when_allowed() {
         let only_x86 = &workers()[..1];
         let at = place(&p("linux/arm64"), only_x86, Emulation::Allow).unwrap();
-        assert!(at.emulated);
+        assert_eq!(at.emulated(), Some(true));
         let err = place(&p("linux/arm64"), only_x86, Emulation::Deny).unwrap_err();
         assert_eq!(
             err.message,
@@ -219,7 +248,7 @@ mod tests {
             .map(|i| {
                 (
                     format!("{} {}", i.name, i.platform),
-                    plan.placements[i.id].emulated,
+                    plan.placements[i.id].emulated().unwrap_or_default(),
                 )
             })
             .collect();
@@ -232,5 +261,36 @@ mod tests {
             ]
         );
         assert!(plan.to_text().contains("on x86-1 (emulated)"));
+    }
+
+    #[test]
+    fn a_plan_marks_what_cannot_be_placed_and_keeps_the_rest() {
+        let df = Dockerfile::parse(
+            "FROM --platform=$BUILDPLATFORM scratch AS tools\nFROM scratch\nCOPY --from=tools / /\n",
+        )
+        .unwrap();
+        let mut plan = strata_shared::dag::plan(
+            &df,
+            &BuildOptions::default(),
+            &p("linux/amd64"),
+            &[p("windows/amd64")],
+        )
+        .unwrap();
+        let errors = place_all(&mut plan, &workers(), Emulation::Allow);
+        assert_eq!(errors.len(), 1);
+        let text = plan.to_text();
+        assert!(text.contains("tools [0] linux/amd64"), "{text}");
+        assert!(text.contains("on x86-1 (native)"), "{text}");
+        assert!(
+            text.contains("unplaceable: no worker runs windows/amd64"),
+            "{text}"
+        );
+        assert!(
+            plan.to_json()
+                .contains("\"unplaceable\": \"no worker runs windows/amd64\""),
+            "{}",
+            plan.to_json()
+        );
+        assert!(place_plan(&mut plan, &workers(), Emulation::Allow).is_err());
     }
 }

@@ -123,7 +123,7 @@ pub fn schedule(ready: &[ReadyJob], workers: &[WorkerView]) -> Schedule {
             .entry((job.platform.clone(), allow))
             .or_insert_with(|| {
                 place(&job.platform, &infos, job.emulation)
-                    .map(|p| p.emulated)
+                    .map(|p| p.emulated().unwrap_or_default())
                     .map_err(|e| e.message)
             });
         let emulated = match placed {

@@ -42,11 +42,38 @@ pub struct StageInstance {
     pub steps: usize,
 }
 
-/// Where an instance runs: the worker, and whether its platform is emulated there.
+/// Where an instance runs: the worker, and whether its platform is emulated there; or why no
+/// worker can run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Placement {
-    pub worker: String,
-    pub emulated: bool,
+pub enum Placement {
+    On { worker: String, emulated: bool },
+    Unplaceable { reason: String },
+}
+
+impl Placement {
+    /// The worker it runs on, when placed.
+    pub fn worker(&self) -> Option<&str> {
+        match self {
+            Placement::On { worker, .. } => Some(worker),
+            Placement::Unplaceable { .. } => None,
+        }
+    }
+
+    /// Whether it runs under emulation, when placed.
+    pub fn emulated(&self) -> Option<bool> {
+        match self {
+            Placement::On { emulated, .. } => Some(*emulated),
+            Placement::Unplaceable { .. } => None,
+        }
+    }
+
+    /// Why it cannot be placed.
+    pub fn unplaceable(&self) -> Option<&str> {
+        match self {
+            Placement::On { .. } => None,
+            Placement::Unplaceable { reason } => Some(reason),
+        }
+    }
 }
 
 /// The stage instances of a build and the graph between them.
@@ -210,6 +237,8 @@ impl Plan {
             worker: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             emulated: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unplaceable: Option<&'a str>,
         }
         #[derive(Serialize)]
         struct TargetJson {
@@ -246,8 +275,9 @@ impl Plan {
                         .collect(),
                     depends_on_ids: &i.depends_on,
                     steps: i.steps,
-                    worker: self.placements.get(i.id).map(|p| p.worker.as_str()),
-                    emulated: self.placements.get(i.id).map(|p| p.emulated),
+                    worker: self.placements.get(i.id).and_then(Placement::worker),
+                    emulated: self.placements.get(i.id).and_then(Placement::emulated),
+                    unplaceable: self.placements.get(i.id).and_then(Placement::unplaceable),
                 })
                 .collect(),
             targets: self
@@ -284,9 +314,15 @@ impl Plan {
                 let t: Vec<String> = i.targets.iter().map(Platform::to_string).collect();
                 let _ = write!(out, "  for {}", t.join(", "));
             }
-            if let Some(p) = self.placements.get(i.id) {
-                let how = if p.emulated { "emulated" } else { "native" };
-                let _ = write!(out, "  on {} ({how})", p.worker);
+            match self.placements.get(i.id) {
+                Some(Placement::On { worker, emulated }) => {
+                    let how = if *emulated { "emulated" } else { "native" };
+                    let _ = write!(out, "  on {worker} ({how})");
+                }
+                Some(Placement::Unplaceable { reason }) => {
+                    let _ = write!(out, "  unplaceable: {reason}");
+                }
+                None => {}
             }
             out.push('\n');
         }

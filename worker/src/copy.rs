@@ -251,7 +251,7 @@ fn is_url(s: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// Go's `path.Clean` for slash-separated strings.
-fn clean(p: &str) -> String {
+pub(crate) fn clean(p: &str) -> String {
     if p.is_empty() {
         return ".".to_string();
     }

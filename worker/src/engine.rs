@@ -587,6 +587,19 @@ fn copy_source(res: &Resolution, current: usize, from: &str) -> Source {
         .map_or(Source::Scratch, |d| d.source.clone())
 }
 
+/// Where a bind, cache or tmpfs mount goes, as BuildKit places it: an empty or relative target
+/// is joined to the working directory; a target that ends up as `/` is refused.
+fn mount_target(target: Option<&str>, workdir: &str) -> Result<String, String> {
+    let joined = join_workdir(workdir, target.unwrap_or(""));
+    if joined == "/" {
+        return Err(format!(
+            "invalid mount target {:?}: a mount cannot replace the root filesystem",
+            target.unwrap_or("")
+        ));
+    }
+    Ok(joined)
+}
+
 /// The normalised working directory after `WORKDIR path`.
 fn join_workdir(current: &str, path: &str) -> String {
     let joined = if path.starts_with('/') {
@@ -795,7 +808,7 @@ impl StageCtx<'_> {
                 .map(|(_, v)| v.clone())
         });
 
-        let mut mounts = self.prepare_mounts(ins, run).await?;
+        let mut mounts = self.prepare_mounts(ins, run, &workdir).await?;
         if let Some((path, data)) = &script {
             let file = self.engine.dirs.tmp.join(self.engine.unique("script"));
             std::fs::write(&file, data).map_err(|e| io(file.display(), e))?;
@@ -898,13 +911,26 @@ impl StageCtx<'_> {
     }
 
     /// Sets up RUN's `--mount`s; returns them with the parts of the cache key they contribute.
-    async fn prepare_mounts(&self, ins: &Instruction, run: &Run) -> Result<RunMounts, BuildError> {
+    async fn prepare_mounts(
+        &self,
+        ins: &Instruction,
+        run: &Run,
+        workdir: &str,
+    ) -> Result<RunMounts, BuildError> {
         let mut out = RunMounts::default();
         for m in &run.mounts {
-            let target = m.target.clone().unwrap_or_default();
+            let target = if matches!(m.kind, MountType::Secret | MountType::Ssh) {
+                m.target.clone().unwrap_or_default()
+            } else {
+                mount_target(m.target.as_deref(), workdir)
+                    .map_err(|e| BuildError::at(ins.range, e))?
+            };
             match m.kind {
                 MountType::Cache => {
-                    let id = m.id.clone().unwrap_or_else(|| target.clone());
+                    let id = m
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| crate::copy::clean(m.target.as_deref().unwrap_or("")));
                     let dir = self
                         .engine
                         .dirs
@@ -1495,6 +1521,20 @@ impl OutputTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_targets_join_the_working_directory() {
+        assert_eq!(mount_target(Some("/cache/"), "/src").unwrap(), "/cache");
+        assert_eq!(mount_target(Some("out"), "/src").unwrap(), "/src/out");
+        assert_eq!(mount_target(None, "/usr/src/app").unwrap(), "/usr/src/app");
+        assert_eq!(mount_target(Some("../x"), "/a/b").unwrap(), "/a/x");
+        assert!(
+            mount_target(None, "/")
+                .unwrap_err()
+                .contains("invalid mount target")
+        );
+        assert!(mount_target(Some("/.."), "/src").is_err());
+    }
 
     #[test]
     fn workdir_joins_like_buildkit() {

@@ -173,6 +173,12 @@ async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClie
     match shared.submit(&cmd).await {
         Ok(state::Response::Submitted { build, .. }) => {
             tracing::info!(build = %build, stages = plan.instances.len(), "build accepted");
+            if let Some(text) = df.frontend_note()
+                && let Ok(json) = serde_json::to_vec(&strata_shared::progress::Event::Note { text })
+            {
+                let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+                events.push(build.0, json);
+            }
             CoordinatorToClient::Accepted(wire::BuildAccepted { build_id: build.0 })
         }
         Ok(state::Response::Rejected { reason }) => bad_request(reason.to_string()),

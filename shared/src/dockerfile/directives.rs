@@ -135,9 +135,11 @@ impl Directives {
     }
 }
 
-/// Checks a `# syntax=` value: every `docker/dockerfile:1.x` frontend (labs included, with or
-/// without a registry prefix or digest) is served by the built-in frontend; anything else is
-/// refused with a message naming it, since builds run offline and fetch no frontend image.
+/// Checks a `# syntax=` value. The built-in frontend serves what BuildKit's own Dockerfile
+/// frontend images are: `docker/dockerfile` at any 1.x version or channel (`1`, `1.7`,
+/// `1.7.1-labs`, `labs`, `latest`, `master`, with or without `docker.io/` and a digest) and
+/// `docker/dockerfile-upstream` at any tag. Anything else is refused with a message naming it,
+/// since builds run offline and fetch no frontend image.
 pub fn check_syntax(value: &str) -> Result<(), String> {
     // The image reference is the first word; the rest are frontend options.
     let image = value.split_whitespace().next().unwrap_or_default();
@@ -149,24 +151,24 @@ pub fn check_syntax(value: &str) -> Result<(), String> {
     let repo = repo
         .strip_prefix("docker.io/")
         .or_else(|| repo.strip_prefix("index.docker.io/"))
+        .or_else(|| repo.strip_prefix("registry-1.docker.io/"))
         .unwrap_or(repo);
-    let known_repo = matches!(
-        repo,
-        "docker/dockerfile" | "docker/dockerfile-upstream" | "library/docker/dockerfile"
-    );
     let version = tag.strip_suffix("-labs").unwrap_or(tag);
-    let known_tag = version == "latest"
-        || version == "labs"
-        || version == "1"
+    let one_x = matches!(version, "latest" | "labs" | "master" | "1")
         || version.strip_prefix("1.").is_some_and(|v| {
             v.split('.')
                 .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         });
-    if known_repo && known_tag {
+    let served = match repo {
+        "docker/dockerfile-upstream" => !tag.is_empty(),
+        "docker/dockerfile" | "library/docker/dockerfile" => one_x,
+        _ => false,
+    };
+    if served {
         Ok(())
     } else {
         Err(format!(
-            "unsupported syntax {value:?}: strata builds offline with its built-in frontend, which serves docker/dockerfile:1.x only"
+            "unsupported syntax {value:?}: strata builds offline with its built-in frontend, which serves docker/dockerfile:1.x and docker/dockerfile-upstream only"
         ))
     }
 }
@@ -222,6 +224,11 @@ mod tests {
             "docker/dockerfile:1@sha256:abcd",
             "docker/dockerfile:labs",
             "docker/dockerfile",
+            "docker/dockerfile:master-labs",
+            "docker/dockerfile-upstream:master",
+            "docker/dockerfile-upstream:master-labs",
+            "docker.io/docker/dockerfile-upstream:1.8.0",
+            "docker.io/docker/dockerfile:1.7-labs",
         ] {
             assert!(check_syntax(ok).is_ok(), "{ok}");
         }
@@ -229,6 +236,9 @@ mod tests {
             "tonistiigi/dockerfile:x",
             "docker/dockerfile:2",
             "example.com/df:1",
+            "docker/dockerfile:2.0",
+            "ghcr.io/docker/dockerfile-upstream:master",
+            "docker/dockerfile-upstream2:master",
         ] {
             assert!(check_syntax(bad).is_err(), "{bad}");
         }

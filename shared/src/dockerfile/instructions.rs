@@ -976,13 +976,6 @@ pub fn parse_mount(value: &str) -> Result<Mount, String> {
             return Err("both source and id can't be set".into());
         }
     }
-    if matches!(
-        m.kind,
-        MountType::Bind | MountType::Cache | MountType::Tmpfs
-    ) && m.target.is_none()
-    {
-        return Err(format!("mount type {} requires a target", m.kind.as_str()));
-    }
     Ok(m)
 }
 
@@ -1222,10 +1215,13 @@ mod tests {
                 .unwrap_err()
                 .contains("did you mean target?")
         );
-        assert!(
-            parse_mount("type=cache")
-                .unwrap_err()
-                .contains("requires a target")
+        // No target: joined to the working directory when the step runs, as BuildKit does.
+        assert_eq!(parse_mount("type=cache").unwrap().target, None);
+        assert_eq!(
+            parse_mount("from=src,src=/usr/src/delve,rw")
+                .unwrap()
+                .target,
+            None
         );
         assert_eq!(csv_fields("a,\"b,c\",d").unwrap(), vec!["a", "b,c", "d"]);
     }

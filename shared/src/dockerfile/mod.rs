@@ -143,6 +143,15 @@ impl Dockerfile {
         let parsed = instructions::parse_stages(&ast)?;
         Ok(Dockerfile { ast, parsed })
     }
+
+    /// What a build says once about its `# syntax=` directive: the built-in frontend serves it.
+    pub fn frontend_note(&self) -> Option<String> {
+        let syntax = self.ast.directives.syntax.as_ref()?;
+        let image = syntax.value.split_whitespace().next()?;
+        Some(format!(
+            "using the built-in Dockerfile frontend for {image}"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -182,5 +191,15 @@ mod tests {
         let e = Dockerfile::parse("# syntax=example.com/frontend:2\nFROM a\n").unwrap_err();
         assert_eq!(e.range, Some(Range::line(1)));
         assert!(Dockerfile::parse("# syntax=docker/dockerfile:1.7-labs\nFROM a\n").is_ok());
+    }
+
+    #[test]
+    fn upstream_syntax_is_served_by_the_built_in_frontend() {
+        let df = Dockerfile::parse("# syntax=docker/dockerfile-upstream:master\nFROM a\n").unwrap();
+        assert_eq!(
+            df.frontend_note().as_deref(),
+            Some("using the built-in Dockerfile frontend for docker/dockerfile-upstream:master")
+        );
+        assert_eq!(Dockerfile::parse("FROM a\n").unwrap().frontend_note(), None);
     }
 }
