@@ -10,7 +10,6 @@ use clap::Args;
 use strata_coordinator::build::{self as driver, BuildRequest, Runner};
 use strata_coordinator::export;
 use strata_coordinator::placement::WorkerInfo;
-use strata_coordinator::server::ClusterBuildRequest;
 use strata_shared::dockerfile::stages::BuildOptions;
 use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
 use strata_shared::platform::Platform;
@@ -397,7 +396,7 @@ async fn build_remote(
     };
     let store = BlobStore::local(&store_dir).context("opening the cluster's blob store")?;
     let scratch = state.join("tmp");
-    let request = ClusterBuildRequest {
+    let request = strata_shared::job::BuildRequest {
         dockerfile,
         context_id: String::new(),
         options: BuildOptions {
@@ -408,7 +407,11 @@ async fn build_remote(
         no_cache: args.no_cache,
         allow_host_network,
         compression,
-        emulation: args.dockerfile.emulation.clone(),
+        emulation: args
+            .dockerfile
+            .emulation
+            .parse()
+            .map_err(|e: String| anyhow!("--emulation: {e}"))?,
         tenant: args.tenant.clone(),
     };
     let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {

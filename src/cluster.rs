@@ -9,15 +9,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use strata_coordinator::config::CoordinatorConfig;
 use strata_coordinator::init::{InitPlan, consecutive, init, init_join};
-use strata_coordinator::server::ClusterBuildRequest;
-use strata_coordinator::state::TargetOutput;
-use strata_shared::job::StageOutput;
+use strata_shared::job::{BuildRequest, StageOutput};
 use strata_shared::platform::Platform;
 use strata_shared::progress::{Event, Progress};
 use strata_shared::store::BlobStore;
 use strata_shared::tls::{self, Identity, Role};
 use strata_shared::wire::{
-    self, CancelBuild, ClientMsg, CoordinatorToClient, Hello, MembershipRequest, Outcome,
+    self, BuildOutcome, CancelBuild, ClientMsg, CoordinatorToClient, Hello, MembershipRequest,
     StatusReply, StatusRequest, SubmitBuild, WatchBuild,
 };
 use strata_worker::context::upload;
@@ -494,7 +492,7 @@ pub async fn build_on_cluster(
     context: &std::path::Path,
     ignore: Option<DockerIgnore>,
     hashes: std::sync::Arc<HashCache>,
-    mut request: ClusterBuildRequest,
+    mut request: BuildRequest,
     progress: &Progress,
 ) -> Result<Vec<(Platform, StageOutput)>> {
     let started = std::time::Instant::now();
@@ -509,10 +507,9 @@ pub async fn build_on_cluster(
         ),
     });
     request.context_id = up.id;
-    let body = serde_json::to_vec(&request)?;
 
     // Submit to the leader; a cluster without one is waited for a while, then reported.
-    let msg = ClientMsg::Submit(SubmitBuild { request_json: body });
+    let msg = ClientMsg::Submit(SubmitBuild { request });
     let build_id = match ask_leader(access, &msg, "build").await? {
         (_, CoordinatorToClient::Accepted(a)) => a.build_id,
         (_, CoordinatorToClient::Error(e)) => bail!("{}", e.message),
@@ -560,9 +557,7 @@ async fn watch_to_end(
                 match wire::read_frame::<CoordinatorToClient>(&mut recv).await? {
                     CoordinatorToClient::Event(e) => {
                         next_event = e.seq + 1;
-                        if let Ok(ev) = serde_json::from_slice::<Event>(&e.event_json) {
-                            progress.send(ev);
-                        }
+                        progress.send(e.event);
                     }
                     CoordinatorToClient::Done(d) => return Ok::<_, anyhow::Error>(Some(d.result)),
                     CoordinatorToClient::Error(e) => bail!("{}", e.message),
@@ -572,14 +567,10 @@ async fn watch_to_end(
         }
         .await;
         match watched {
-            Ok(Some(Outcome::Ok(json))) => {
-                let targets: Vec<TargetOutput> = serde_json::from_slice(&json)?;
-                return targets
-                    .into_iter()
-                    .map(|t| Ok((t.platform, serde_json::from_str(&t.output)?)))
-                    .collect();
+            Ok(Some(BuildOutcome::Built(images))) => {
+                return Ok(images.into_iter().map(|t| (t.platform, t.output)).collect());
             }
-            Ok(Some(Outcome::Err(e))) => bail!("{e}"),
+            Ok(Some(BuildOutcome::Failed(e))) => bail!("{e}"),
             Ok(None) => {}
             Err(e) => last_error = e.to_string(),
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use strata_shared::dag::{self, Plan};
 use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
-use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
+use strata_shared::job::{BuildError, Compression, JobContext, StageJob, StageOutput};
 use strata_shared::platform::Platform;
 use strata_shared::progress::Progress;
 use tokio::task::JoinSet;
@@ -110,10 +110,14 @@ pub async fn run<R: Runner>(
                 target_platform: inst.targets[0].clone(),
                 stage: inst.index,
                 inputs,
-                context: req.context.clone(),
+                context: JobContext::Local(req.context.to_string_lossy().into_owned()),
                 show_platform: req.platforms.len() > 1,
                 no_cache: req.no_cache,
-                secrets: req.secrets.clone(),
+                secrets: req
+                    .secrets
+                    .iter()
+                    .map(|(id, path)| (id.clone(), path.to_string_lossy().into_owned()))
+                    .collect(),
                 allow_host_network: req.allow_host_network,
                 compression: req.compression,
             };

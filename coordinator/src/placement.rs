@@ -5,40 +5,9 @@
 //!
 //! A pure function of the plan and the workers, tested without the network.
 
-use std::fmt;
-use std::str::FromStr;
-
 use strata_shared::dag::{Placement, Plan};
+pub use strata_shared::platform::Emulation;
 use strata_shared::platform::{Capabilities, Platform};
-
-/// Whether a build may run stages under emulation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Emulation {
-    #[default]
-    Allow,
-    Deny,
-}
-
-impl FromStr for Emulation {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "allow" => Ok(Emulation::Allow),
-            "deny" => Ok(Emulation::Deny),
-            other => Err(format!("unknown emulation policy {other:?} (allow, deny)")),
-        }
-    }
-}
-
-impl fmt::Display for Emulation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Emulation::Allow => "allow",
-            Emulation::Deny => "deny",
-        })
-    }
-}
 
 /// A worker as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

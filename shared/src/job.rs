@@ -1,5 +1,10 @@
-//! Stage jobs: the unit of work the coordinator hands to a worker (one stage of a Dockerfile
-//! for one platform), what a finished job returns, and how a job fails.
+//! Builds and stage jobs as they travel: the request a client submits ([`BuildRequest`]), the
+//! unit of work the coordinator hands to a worker (one stage of a Dockerfile for one platform,
+//! [`StageJob`]), what a finished job returns ([`StageOutput`]), the images of a finished build
+//! ([`TargetImage`]), and how a job fails ([`BuildError`]).
+//!
+//! These are wire types (rkyv) as well as serde types: the wire messages carry them as they
+//! are, and the replicated state keeps them in its snapshots.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,11 +14,135 @@ use serde::{Deserialize, Serialize};
 use crate::dockerfile::stages::BuildOptions;
 use crate::dockerfile::{FrontendError, Range};
 use crate::oci::{ImageConfig, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_TAR, MEDIA_OCI_LAYER_ZSTD};
-use crate::platform::Platform;
+use crate::platform::{Emulation, Platform};
 use crate::store::{BlobMeta, StoreError};
 
+/// A build as a client submits it to a cluster.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct BuildRequest {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The build context: the key of its manifest in the cluster's store (empty: none).
+    pub context_id: String,
+    pub options: BuildOptions,
+    /// Target platforms, at least one.
+    pub platforms: Vec<Platform>,
+    pub no_cache: bool,
+    /// `--allow network.host`.
+    pub allow_host_network: bool,
+    pub compression: Compression,
+    pub emulation: Emulation,
+    /// The queue it is fair-shared in.
+    pub tenant: String,
+}
+
+/// The largest Dockerfile a build request may carry.
+pub const MAX_DOCKERFILE_BYTES: usize = 1 << 20;
+/// The most target platforms one build may ask for.
+pub const MAX_PLATFORMS: usize = 32;
+
+impl BuildRequest {
+    /// Checks what a coordinator relies on before it plans the request: a Dockerfile of a
+    /// sane size, platforms in their normal form, a context key that is a blake3 key, and
+    /// names that fit in logs and labels.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dockerfile.trim().is_empty() {
+            return Err("the Dockerfile is empty".into());
+        }
+        if self.dockerfile.len() > MAX_DOCKERFILE_BYTES {
+            return Err(format!(
+                "the Dockerfile is {} bytes; at most {MAX_DOCKERFILE_BYTES} are accepted",
+                self.dockerfile.len()
+            ));
+        }
+        if self.platforms.is_empty() || self.platforms.len() > MAX_PLATFORMS {
+            return Err(format!(
+                "{} target platforms; 1 to {MAX_PLATFORMS} are accepted",
+                self.platforms.len()
+            ));
+        }
+        for p in &self.platforms {
+            check_platform(p)?;
+        }
+        if !self.context_id.is_empty() && !is_blake3_hex(&self.context_id) {
+            return Err(format!(
+                "context {:?} is not a blake3 key (64 lower-case hex digits)",
+                self.context_id
+            ));
+        }
+        check_name("tenant", &self.tenant)?;
+        if let Some((k, _)) = self.options.build_args.iter().find(|(k, _)| k.is_empty()) {
+            return Err(format!("a build argument has an empty name ({k:?})"));
+        }
+        Ok(())
+    }
+}
+
+/// A platform as it arrives from another node must be in the normal form parsing gives it.
+pub fn check_platform(p: &Platform) -> Result<(), String> {
+    match p.to_string().parse::<Platform>() {
+        Ok(q) if &q == p => Ok(()),
+        _ => Err(format!("platform {p} is not in its normal form")),
+    }
+}
+
+fn is_blake3_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {s:?} must be 1 to 128 letters, digits, '-', '_', '.' or '/'"
+        ))
+    }
+}
+
+/// The image built for one target platform: the output of its target stage.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub struct TargetImage {
+    pub platform: Platform,
+    pub output: StageOutput,
+}
+
 /// The result of a stage job: what a later stage, or the exporter, builds on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct StageOutput {
     /// The image config after the stage's last instruction (history included).
     pub config: ImageConfig,
@@ -27,8 +156,42 @@ pub struct StageOutput {
     pub declared: Vec<(String, Option<String>)>,
 }
 
+/// Where a job's build context is.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub enum JobContext {
+    /// The build reads no context.
+    #[default]
+    None,
+    /// In the cluster's store under this manifest key: the worker materialises it.
+    Store(String),
+    /// A directory on the worker's machine (the embedded worker, or a context the worker has
+    /// materialised). A coordinator never sends this to a remote worker.
+    Local(String),
+}
+
 /// One stage to build for one platform.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct StageJob {
     /// Identifies the job in progress events.
     pub id: usize,
@@ -42,28 +205,59 @@ pub struct StageJob {
     pub stage: usize,
     /// Outputs of the stages this one uses, by stage index.
     pub inputs: BTreeMap<usize, StageOutput>,
-    /// The build context directory.
-    pub context: PathBuf,
+    /// The build context.
+    pub context: JobContext,
     /// Prefix progress labels with the platform (multi-platform builds).
     pub show_platform: bool,
     pub no_cache: bool,
-    /// `--secret id=..,src=..`: secret id to the file holding it.
-    pub secrets: BTreeMap<String, PathBuf>,
+    /// `--secret id=..,src=..`: secret id to the file holding it, on the worker's machine
+    /// (embedded builds only: secrets never travel to a cluster).
+    pub secrets: BTreeMap<String, String>,
     /// `--allow network.host`.
     pub allow_host_network: bool,
     pub compression: Compression,
 }
 
-/// A stage job as a coordinator hands it to a remote worker: the JSON of
-/// [`crate::wire::JobOffer::job_json`]. The build context travels through the shared blob store:
-/// when `context_id` is set, the worker materialises that context (the key of its manifest,
-/// written by the client's upload) and runs the job with `job.context` set to that directory;
-/// `job.context` as sent is a path on the submitting machine and means nothing to the worker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterJob {
-    pub job: StageJob,
-    /// The build context in the shared store (a blake3 key), when the job reads one.
-    pub context_id: Option<String>,
+impl StageJob {
+    /// Checks a job as it arrives from a coordinator: platforms in normal form, a context in
+    /// the store (never a path on this machine), and no secrets (they never leave the machine
+    /// of an embedded build).
+    pub fn validate_remote(&self) -> Result<(), String> {
+        check_platform(&self.build_platform)?;
+        check_platform(&self.target_platform)?;
+        match &self.context {
+            JobContext::Store(id) if is_blake3_hex(id) => {}
+            JobContext::None => {}
+            JobContext::Store(id) => {
+                return Err(format!("context {id:?} is not a blake3 key"));
+            }
+            JobContext::Local(dir) => {
+                return Err(format!(
+                    "a remote job may not name a directory of this machine ({dir})"
+                ));
+            }
+        }
+        if !self.secrets.is_empty() {
+            return Err("a remote job may not carry secrets".into());
+        }
+        if self.dockerfile.len() > MAX_DOCKERFILE_BYTES {
+            return Err("the job's Dockerfile is too large".into());
+        }
+        Ok(())
+    }
+
+    /// The directory holding the job's build context, once it is on this machine.
+    pub fn context_dir(&self) -> Result<PathBuf, BuildError> {
+        match &self.context {
+            JobContext::Local(dir) => Ok(PathBuf::from(dir)),
+            JobContext::None => Err(BuildError::Other(
+                "the build has no context: nothing can be copied from it".into(),
+            )),
+            JobContext::Store(id) => Err(BuildError::Other(format!(
+                "the build context {id} was not materialised on this worker"
+            ))),
+        }
+    }
 }
 
 /// A failed build step, saying where and what.
@@ -99,7 +293,19 @@ impl From<FrontendError> for BuildError {
 }
 
 /// How a layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// gzip, the media type every registry and runtime accepts.

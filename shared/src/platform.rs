@@ -7,7 +7,20 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A normalised platform.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Platform {
     pub os: String,
     pub architecture: String,
@@ -82,7 +95,18 @@ impl Platform {
 
 /// The platforms one worker builds for: natively, and through user-mode emulation (QEMU
 /// registered with binfmt_misc).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Capabilities {
     pub native: Vec<Platform>,
     pub emulated: Vec<Platform>,
@@ -118,6 +142,54 @@ impl fmt::Display for Capabilities {
             list(&self.native),
             list(&self.emulated)
         )
+    }
+}
+
+/// Whether a build may run stages under emulation (QEMU) when no worker runs their platform
+/// natively.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum Emulation {
+    /// Emulation where no native worker is registered (the default).
+    #[default]
+    Allow,
+    /// Native workers only.
+    Deny,
+}
+
+impl FromStr for Emulation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(Emulation::Allow),
+            "deny" => Ok(Emulation::Deny),
+            other => Err(format!("unknown emulation policy {other:?} (allow, deny)")),
+        }
+    }
+}
+
+impl fmt::Display for Emulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Emulation::Allow => "allow",
+            Emulation::Deny => "deny",
+        })
+    }
+}
+
+impl Serialize for Emulation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Emulation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 

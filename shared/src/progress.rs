@@ -8,7 +8,17 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// One thing that happened in a build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A step starts: `[label n/m] text`.

@@ -29,7 +29,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const RECORD_VERSION: u32 = 1;
 
 /// What the store knows about a blob.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct BlobMeta {
     pub version: u32,
     /// Hex blake3 of the bytes: the key.

@@ -18,7 +18,7 @@
 //!    the worker) is answered by registering again on the same connection.
 //! 3. **Offers.** The leader opens streams on the worker's connection with
 //!    [`CoordinatorToWorker::Offer`]; the worker answers [`WorkerMsg::Ack`]: taken when the job
-//!    decodes ([`ClusterJob`] JSON) and a slot is free ([`Jobs`], `capacity` jobs at once),
+//!    is valid for a remote worker ([`StageJob::validate_remote`]) and a slot is free ([`Jobs`], `capacity` jobs at once),
 //!    declined with the reason otherwise. [`CoordinatorToWorker::Cancel`] stops a job.
 //! 4. **Progress.** Each job's events go to the leader on one unidirectional stream of
 //!    [`WorkerMsg::Progress`] frames, finished when the job ends; after a reconnection a new
@@ -42,14 +42,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use quinn::VarInt;
-use strata_shared::job::{BuildError, ClusterJob, StageOutput};
+use strata_shared::job::{BuildError, JobContext, StageJob, StageOutput};
 use strata_shared::platform::Capabilities;
 use strata_shared::progress::{Event, Progress};
 use strata_shared::store::{BlobStore, StoreError};
 use strata_shared::tls::{self, Identity, Role, TlsError};
 use strata_shared::wire::{
     self, CancelJob, CoordinatorToWorker, ErrorCode, Heartbeat, Hello, JobAck, JobId, JobOffer,
-    JobProgress, JobResult, Outcome, RegisterWorker, WireError, WorkerMsg,
+    JobOutcome, JobProgress, JobResult, RegisterWorker, WireError, WorkerMsg,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -167,23 +167,24 @@ pub fn parse_leader(leader: &str) -> Option<SocketAddr> {
     addr.trim().parse().ok()
 }
 
-/// The outcome a job reports: the stage output as JSON, or the error's message. A Dockerfile
-/// error is rendered with its line and the offending lines of `dockerfile`
-/// (`Dockerfile:3: ...`), as the command line shows it.
-pub fn outcome_of(result: Result<StageOutput, BuildError>, dockerfile: &str) -> Outcome {
+/// The outcome a job reports: the stage output, or the error's message. A Dockerfile error is
+/// rendered with its line and the offending lines of `dockerfile` (`Dockerfile:3: ...`), as
+/// the command line shows it.
+pub fn outcome_of(result: Result<StageOutput, BuildError>, dockerfile: &str) -> JobOutcome {
     match result {
-        Ok(output) => match serde_json::to_vec(&output) {
-            Ok(json) => Outcome::Ok(json),
-            Err(e) => Outcome::Err(format!("cannot encode the stage output: {e}")),
-        },
-        Err(BuildError::Dockerfile(e)) => Outcome::Err(e.render("Dockerfile", dockerfile)),
-        Err(e) => Outcome::Err(e.to_string()),
+        Ok(output) => JobOutcome::Built(output),
+        Err(BuildError::Dockerfile(e)) => JobOutcome::Failed(e.render("Dockerfile", dockerfile)),
+        Err(e) => JobOutcome::Failed(e.to_string()),
     }
 }
 
-/// The job an offer carries, or why it cannot be run.
-pub fn decode_offer(offer: &JobOffer) -> Result<ClusterJob, String> {
-    serde_json::from_slice(&offer.job_json).map_err(|e| format!("invalid job_json: {e}"))
+/// The job an offer carries, or why this worker will not run it.
+pub fn check_offer(offer: &JobOffer) -> Result<StageJob, String> {
+    offer
+        .job
+        .validate_remote()
+        .map_err(|e| format!("invalid job: {e}"))?;
+    Ok(offer.job.clone())
 }
 
 /// Spawns `future` as a task inside `span`: every task of the agent has a name and an owner.
@@ -1059,7 +1060,7 @@ impl Agent {
     async fn take_offer(self: Arc<Self>, offer: JobOffer, mut send: quinn::SendStream) {
         let lease = Lease::of(&offer);
         let stopping = self.draining.load(std::sync::atomic::Ordering::SeqCst);
-        let (ack, start) = match decode_offer(&offer) {
+        let (ack, start) = match check_offer(&offer) {
             Err(reason) => (declined(reason), None),
             Ok(_) if stopping => (declined("the worker is shutting down".into()), None),
             Ok(job) => match self.jobs.admit(lease) {
@@ -1108,7 +1109,7 @@ impl Agent {
     // --- jobs ---------------------------------------------------------------------------------
 
     /// Runs one job, forwards its progress, and delivers its result.
-    async fn run_job(self: Arc<Self>, lease: Lease, job: ClusterJob) {
+    async fn run_job(self: Arc<Self>, lease: Lease, job: StageJob) {
         let (progress, events) = Progress::channel();
         let forwarder = spawn_in(
             tracing::debug_span!("progress"),
@@ -1119,8 +1120,8 @@ impl Agent {
         drop(progress);
         self.jobs.reporting(lease);
         match &outcome {
-            Outcome::Ok(_) => tracing::info!(elapsed = ?started.elapsed(), "job succeeded"),
-            Outcome::Err(message) => {
+            JobOutcome::Built(_) => tracing::info!(elapsed = ?started.elapsed(), "job succeeded"),
+            JobOutcome::Failed(message) => {
                 tracing::info!(elapsed = ?started.elapsed(), %message, "job failed")
             }
         }
@@ -1138,16 +1139,12 @@ impl Agent {
     }
 
     /// Materialises the job's context when it has one, and runs the job on the engine.
-    async fn execute(&self, job: ClusterJob, progress: &Progress) -> Outcome {
-        let ClusterJob {
-            mut job,
-            context_id,
-        } = job;
-        if let Some(id) = &context_id {
+    async fn execute(&self, mut job: StageJob, progress: &Progress) -> JobOutcome {
+        if let JobContext::Store(id) = &job.context {
             let _one_at_a_time = self.materializing.lock().await;
             match context::materialize(self.engine.store(), id, &self.contexts).await {
-                Ok(dir) => job.context = dir,
-                Err(e) => return Outcome::Err(format!("build context {id}: {e}")),
+                Ok(dir) => job.context = JobContext::Local(dir.to_string_lossy().into_owned()),
+                Err(e) => return JobOutcome::Failed(format!("build context {id}: {e}")),
             }
         }
         let result = self.engine.run_stage(&job, progress).await;
@@ -1268,14 +1265,7 @@ async fn forward_progress(
     let mut stream: Option<(u64, quinn::SendStream)> = None;
     let mut dropped = 0usize;
     while let Some(event) = events.recv().await {
-        let event_json = match serde_json::to_vec(&event) {
-            Ok(json) => json,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot encode a progress event");
-                continue;
-            }
-        };
-        let frame = WorkerMsg::Progress(JobProgress { job_id, event_json });
+        let frame = WorkerMsg::Progress(JobProgress { job_id, event });
         let mut sent = false;
         for _ in 0..2 {
             let Some(live) = agent.link.current() else {
@@ -1450,7 +1440,7 @@ mod tests {
             Range::new(2, 2),
             "COPY missing.txt: not found in the build context",
         ));
-        let Outcome::Err(message) = outcome_of(Err(err), df) else {
+        let JobOutcome::Failed(message) = outcome_of(Err(err), df) else {
             panic!("an error is an Err outcome");
         };
         assert!(
@@ -1458,23 +1448,68 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("2 | COPY missing.txt /"), "{message}");
-        let Outcome::Err(message) = outcome_of(Err(BuildError::Other("boom".into())), df) else {
+        let JobOutcome::Failed(message) = outcome_of(Err(BuildError::Other("boom".into())), df)
+        else {
             panic!("an error is an Err outcome");
         };
         assert_eq!(message, "boom");
     }
 
     #[test]
-    fn offers_with_bad_json_are_declined_with_the_reason() {
-        let offer = JobOffer {
+    fn offers_naming_local_paths_or_secrets_are_declined_with_the_reason() {
+        let job = StageJob {
+            id: 1,
+            dockerfile: "FROM scratch\n".into(),
+            options: Default::default(),
+            build_platform: "linux/amd64".parse().unwrap(),
+            target_platform: "linux/amd64".parse().unwrap(),
+            stage: 0,
+            inputs: Default::default(),
+            context: JobContext::Store("0".repeat(64)),
+            show_platform: false,
+            no_cache: false,
+            secrets: Default::default(),
+            allow_host_network: false,
+            compression: Default::default(),
+        };
+        let offer = |job: StageJob| JobOffer {
             job_id: 1,
             epoch: 1,
             term: 1,
             deadline_ms: 0,
-            job_json: b"{\"job\": 3}".to_vec(),
+            job,
         };
-        let err = decode_offer(&offer).unwrap_err();
-        assert!(err.starts_with("invalid job_json"), "{err}");
+        assert!(check_offer(&offer(job.clone())).is_ok());
+        let local = StageJob {
+            context: JobContext::Local("/etc".into()),
+            ..job.clone()
+        };
+        let err = check_offer(&offer(local)).unwrap_err();
+        assert!(
+            err.contains("may not name a directory of this machine"),
+            "{err}"
+        );
+        let secret = StageJob {
+            secrets: [("id".to_string(), "/root/.ssh/id_rsa".to_string())].into(),
+            ..job.clone()
+        };
+        let err = check_offer(&offer(secret)).unwrap_err();
+        assert!(err.contains("may not carry secrets"), "{err}");
+        let traversal = StageJob {
+            context: JobContext::Store("../../etc".into()),
+            ..job.clone()
+        };
+        assert!(check_offer(&offer(traversal)).is_err());
+        let odd = StageJob {
+            target_platform: strata_shared::platform::Platform {
+                os: "linux".into(),
+                architecture: "x86_64".into(),
+                variant: String::new(),
+            },
+            ..job
+        };
+        let err = check_offer(&offer(odd)).unwrap_err();
+        assert!(err.contains("normal form"), "{err}");
     }
 
     #[test]

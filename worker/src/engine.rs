@@ -990,7 +990,7 @@ impl StageCtx<'_> {
                         continue;
                     };
                     let data = std::fs::read(src)
-                        .map_err(|e| io(format!("secret {id:?} from {}", src.display()), e))?;
+                        .map_err(|e| io(format!("secret {id:?} from {}", src), e))?;
                     if let Some(var) = &m.env {
                         out.env
                             .push(format!("{var}={}", String::from_utf8_lossy(&data)));
@@ -1032,14 +1032,14 @@ impl StageCtx<'_> {
                     let source = m.source.clone().unwrap_or_else(|| "/".into());
                     let (root, key_part) = match &m.from {
                         None => {
-                            let ignore = read_dockerignore(&self.job.context)?;
+                            let ignore = read_dockerignore(&self.job.context_dir()?)?;
                             let spec = CopySpec {
                                 sources: vec![source.clone()],
                                 dest: "/".into(),
                                 workdir: "/".into(),
                                 ..Default::default()
                             };
-                            let ctx = self.job.context.clone();
+                            let ctx = self.job.context_dir()?;
                             let digest = tokio::task::spawn_blocking(move || {
                                 source_digest(&ctx, &spec, ignore.as_ref())
                             })
@@ -1052,7 +1052,7 @@ impl StageCtx<'_> {
                                 )
                             })?;
                             (
-                                self.job.context.clone(),
+                                self.job.context_dir()?,
                                 format!("context:{}", digest.to_hex()),
                             )
                         }
@@ -1141,7 +1141,7 @@ impl StageCtx<'_> {
         let mut source_layers = Vec::new();
         let source_key = match &from {
             None => {
-                let ignore = read_dockerignore(&self.job.context)?;
+                let ignore = read_dockerignore(&self.job.context_dir()?)?;
                 if spec.is_add && spec.has_urls() {
                     let dir = self.engine.dirs.tmp.join(self.engine.unique("add"));
                     std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
@@ -1152,7 +1152,7 @@ impl StageCtx<'_> {
                     let local = spec.without_urls();
                     if !local.sources.is_empty() || !local.inline.is_empty() {
                         parts.push(CopyPart {
-                            root: self.job.context.clone(),
+                            root: self.job.context_dir()?,
                             spec: local,
                             ignore,
                             context: true,
@@ -1170,7 +1170,7 @@ impl StageCtx<'_> {
                     "context+download".to_string()
                 } else {
                     parts.push(CopyPart {
-                        root: self.job.context.clone(),
+                        root: self.job.context_dir()?,
                         spec: spec.clone(),
                         ignore,
                         context: true,

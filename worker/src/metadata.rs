@@ -235,7 +235,7 @@ pub fn apply_metadata(
                 .exposed_ports
                 .get_or_insert_with(BTreeMap::new);
             for p in &set {
-                exposed.insert(p.clone(), serde_json::json!({}));
+                exposed.insert(p.clone(), strata_shared::oci::EmptyObject);
             }
             let shown: Vec<String> = set.iter().map(|p| format!("{p}:{{}}")).collect();
             format!("EXPOSE map[{}]", shown.join(" "))
@@ -250,7 +250,7 @@ pub fn apply_metadata(
                 if v.is_empty() {
                     return Err("VOLUME specified can not be an empty string".into());
                 }
-                volumes.insert(v.clone(), serde_json::json!({}));
+                volumes.insert(v.clone(), strata_shared::oci::EmptyObject);
             }
             format!("VOLUME {}", go_list(vs))
         }

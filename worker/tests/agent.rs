@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use strata_shared::dockerfile::stages::BuildOptions;
-use strata_shared::job::{ClusterJob, Compression, StageJob, StageOutput};
+use strata_shared::job::{Compression, JobContext, StageJob, StageOutput};
 use strata_shared::platform::{Capabilities, Platform};
 use strata_shared::store::BlobStore;
 use strata_shared::tls::{self, ClientTokens, DevPki, Identity, Role};
 use strata_shared::wire::{
-    self, CancelJob, CoordinatorToWorker, Heartbeat, JobAck, JobId, JobOffer, JobProgress,
-    JobResult, NotLeader, Outcome, RegisterWorker, Welcome, WorkerMsg,
+    self, CancelJob, CoordinatorToWorker, Heartbeat, JobAck, JobId, JobOffer, JobOutcome,
+    JobProgress, JobResult, NotLeader, RegisterWorker, Welcome, WorkerMsg,
 };
 use strata_worker::agent::{Agent, AgentError};
 use strata_worker::config::{TlsConfig, WorkerConfig};
@@ -99,6 +99,7 @@ enum Results {
 
 /// What the worker sent, and on which connection (0 is the first one accepted).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Seen {
     Register(usize, RegisterWorker),
     Heartbeat(usize, Heartbeat),
@@ -378,7 +379,7 @@ impl Setup {
 
     /// A job whose context (one file) is uploaded to the shared store:
     /// `FROM scratch` + `COPY hello.txt /hello.txt`.
-    async fn tiny_job(&self) -> ClusterJob {
+    async fn tiny_job(&self) -> StageJob {
         let ctx = self.dir.path().join("ctx");
         std::fs::create_dir_all(&ctx).unwrap();
         std::fs::write(ctx.join("hello.txt"), "hello from a cluster job\n").unwrap();
@@ -387,49 +388,42 @@ impl Setup {
             .await
             .unwrap();
         let host = Platform::host();
-        ClusterJob {
-            job: StageJob {
-                id: 0,
-                dockerfile: "FROM scratch\nCOPY hello.txt /hello.txt\n".into(),
-                options: BuildOptions::default(),
-                build_platform: host.clone(),
-                target_platform: host,
-                stage: 0,
-                inputs: BTreeMap::new(),
-                // A path on the submitting machine: the worker replaces it.
-                context: PathBuf::from("/nonexistent/context"),
-                show_platform: false,
-                no_cache: false,
-                secrets: BTreeMap::new(),
-                allow_host_network: false,
-                compression: Compression::Gzip,
-            },
-            context_id: Some(uploaded.id),
+        StageJob {
+            id: 0,
+            dockerfile: "FROM scratch\nCOPY hello.txt /hello.txt\n".into(),
+            options: BuildOptions::default(),
+            build_platform: host.clone(),
+            target_platform: host,
+            stage: 0,
+            inputs: BTreeMap::new(),
+            context: JobContext::Store(uploaded.id),
+            show_platform: false,
+            no_cache: false,
+            secrets: BTreeMap::new(),
+            allow_host_network: false,
+            compression: Compression::Gzip,
         }
     }
 }
 
 /// A job that does not end by itself: its base image is on a "registry" that accepts
 /// connections and never answers (the engine waits for it far longer than a test runs).
-fn hanging_job(registry: SocketAddr) -> ClusterJob {
+fn hanging_job(registry: SocketAddr) -> StageJob {
     let host = Platform::host();
-    ClusterJob {
-        job: StageJob {
-            id: 0,
-            dockerfile: format!("FROM {registry}/hang:1\nRUN true\n"),
-            options: BuildOptions::default(),
-            build_platform: host.clone(),
-            target_platform: host,
-            stage: 0,
-            inputs: BTreeMap::new(),
-            context: PathBuf::new(),
-            show_platform: false,
-            no_cache: false,
-            secrets: BTreeMap::new(),
-            allow_host_network: false,
-            compression: Compression::Gzip,
-        },
-        context_id: None,
+    StageJob {
+        id: 0,
+        dockerfile: format!("FROM {registry}/hang:1\nRUN true\n"),
+        options: BuildOptions::default(),
+        build_platform: host.clone(),
+        target_platform: host,
+        stage: 0,
+        inputs: BTreeMap::new(),
+        context: JobContext::None,
+        show_platform: false,
+        no_cache: false,
+        secrets: BTreeMap::new(),
+        allow_host_network: false,
+        compression: Compression::Gzip,
     }
 }
 
@@ -440,13 +434,13 @@ fn caps() -> Capabilities {
     }
 }
 
-fn offer(job_id: JobId, epoch: u64, term: u64, job: &ClusterJob) -> CoordinatorToWorker {
+fn offer(job_id: JobId, epoch: u64, term: u64, job: &StageJob) -> CoordinatorToWorker {
     CoordinatorToWorker::Offer(JobOffer {
         job_id,
         epoch,
         term,
         deadline_ms: 0,
-        job_json: serde_json::to_vec(job).unwrap(),
+        job: job.clone(),
     })
 }
 
@@ -482,8 +476,8 @@ impl RunningWorker {
 
 fn stage_output(result: &JobResult) -> StageOutput {
     match &result.outcome {
-        Outcome::Ok(json) => serde_json::from_slice(json).expect("the outcome is a StageOutput"),
-        Outcome::Err(e) => panic!("the job failed: {e}\nworker logs:\n{}", logs()),
+        JobOutcome::Built(output) => output.clone(),
+        JobOutcome::Failed(e) => panic!("the job failed: {e}\nworker logs:\n{}", logs()),
     }
 }
 
@@ -528,16 +522,11 @@ async fn registers_heartbeats_and_answers_requests() {
     }
 
     // Requests the worker cannot take are declined with the reason.
-    let bad = CoordinatorToWorker::Offer(JobOffer {
-        job_id: 1,
-        epoch: 1,
-        term: 1,
-        deadline_ms: 0,
-        job_json: b"not json".to_vec(),
-    });
-    let ack = c1.ask(0, bad).await;
+    let mut local = hanging_job("127.0.0.1:9".parse().unwrap());
+    local.context = JobContext::Local("/".into());
+    let ack = c1.ask(0, offer(1, 1, 1, &local)).await;
     assert!(!ack.accepted);
-    assert!(ack.reason.contains("invalid job_json"), "{}", ack.reason);
+    assert!(ack.reason.contains("invalid job"), "{}", ack.reason);
     let ack = c1
         .ask(
             0,
@@ -632,7 +621,7 @@ async fn an_offered_job_runs_streams_progress_and_reports_its_result() {
             Seen::Progress(0, p) => {
                 assert_eq!(p.job_id, 42);
                 assert!(!ended, "progress after the end of the stream");
-                events.push(serde_json::from_slice::<serde_json::Value>(&p.event_json).unwrap());
+                events.push(p.event);
             }
             Seen::ProgressEnd(0, job) => {
                 assert_eq!(job, Some(42));
@@ -643,10 +632,10 @@ async fn an_offered_job_runs_streams_progress_and_reports_its_result() {
         }
     }
     assert!(
-        events.iter().any(|e| e["event"] == "started"
-            && e["text"]
-                .as_str()
-                .is_some_and(|t| t.contains("COPY hello.txt"))),
+        events.iter().any(|e| matches!(
+            e,
+            strata_shared::progress::Event::Started { text, .. } if text.contains("COPY hello.txt")
+        )),
         "{events:#?}"
     );
 

@@ -7,34 +7,17 @@ use std::time::Duration;
 
 use strata_shared::dag;
 use strata_shared::dockerfile::Dockerfile;
-use strata_shared::dockerfile::stages::BuildOptions;
-use strata_shared::job::Compression;
+use strata_shared::job::{BuildRequest, TargetImage};
 use strata_shared::platform::Platform;
+use strata_shared::progress::Event;
 use strata_shared::wire::{
-    self, ClientMsg, CoordinatorToClient, ErrorCode, ErrorReply, NodeStatus, Outcome, RaftState,
-    StatusReply,
+    self, BuildOutcome, ClientMsg, CoordinatorToClient, ErrorCode, ErrorReply, NodeStatus,
+    RaftState, StatusReply,
 };
 
 use super::{ProposeError, Shared, membership, now_ms};
-use crate::placement::{Emulation, WorkerInfo, place_plan};
+use crate::placement::{WorkerInfo, place_plan};
 use crate::state;
-
-/// A build as a client submits it to the cluster (the JSON of [`wire::SubmitBuild`]).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ClusterBuildRequest {
-    pub dockerfile: String,
-    /// The build context uploaded to the blob store (`worker::context::upload`).
-    pub context_id: String,
-    pub options: BuildOptions,
-    pub platforms: Vec<Platform>,
-    pub no_cache: bool,
-    pub allow_host_network: bool,
-    pub compression: Compression,
-    /// `allow` or `deny`.
-    pub emulation: String,
-    /// The queue it is fair-shared in.
-    pub tenant: String,
-}
 
 pub(super) async fn client_request(
     shared: Arc<Shared>,
@@ -56,7 +39,7 @@ pub(super) async fn client_request(
     };
     let reply = match msg {
         ClientMsg::Status(_) => CoordinatorToClient::Status(status(&shared).await),
-        ClientMsg::Submit(s) => submit_build(&shared, &s.request_json).await,
+        ClientMsg::Submit(s) => submit_build(&shared, s.request).await,
         ClientMsg::Cancel(c) => {
             if !shared.is_leader() {
                 CoordinatorToClient::NotLeader(shared.not_leader())
@@ -122,24 +105,16 @@ pub(super) fn bad_request(message: String) -> CoordinatorToClient {
 }
 
 /// Plans a submitted build and commits it with its jobs.
-async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClient {
+async fn submit_build(shared: &Shared, req: BuildRequest) -> CoordinatorToClient {
     if !shared.is_leader() {
         return CoordinatorToClient::NotLeader(shared.not_leader());
     }
-    let req: ClusterBuildRequest = match serde_json::from_slice(request_json) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("build request: {e}")),
-    };
-    let emulation: Emulation = match req.emulation.parse() {
-        Ok(e) => e,
-        Err(e) => return bad_request(e),
-    };
+    if let Err(e) = req.validate() {
+        return bad_request(format!("build request: {e}"));
+    }
+    let emulation = req.emulation;
     let df = match Dockerfile::parse(&req.dockerfile) {
         Ok(df) => df,
-        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
-    };
-    let plan = match dag::plan(&df, &req.options, &Platform::host(), &req.platforms) {
-        Ok(p) => p,
         Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
     };
     // Strict placement against the workers the cluster knows, before anything is committed.
@@ -156,6 +131,12 @@ async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClie
         })
         .await
         .unwrap_or_default();
+    // The build platform is a worker's native platform, never this coordinator's own.
+    let build_platform = build_platform(&workers);
+    let plan = match dag::plan(&df, &req.options, &build_platform, &req.platforms) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
+    };
     let mut placed = plan.clone();
     if let Err(e) = place_plan(&mut placed, &workers, emulation) {
         return bad_request(e.message);
@@ -163,8 +144,8 @@ async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClie
     let cmd = state::Command::SubmitBuild {
         now_ms: now_ms(),
         tenant: req.tenant.clone(),
-        request: String::from_utf8_lossy(request_json).into_owned(),
-        plan: state::PlanSummary::from_plan(&plan),
+        plan: state::PlanSummary::from_plan(&plan, &build_platform),
+        request: Box::new(req),
         policy: state::BuildPolicy {
             emulation,
             ..state::BuildPolicy::default()
@@ -173,11 +154,9 @@ async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClie
     match shared.submit(&cmd).await {
         Ok(state::Response::Submitted { build, .. }) => {
             tracing::info!(build = %build, stages = plan.instances.len(), "build accepted");
-            if let Some(text) = df.frontend_note()
-                && let Ok(json) = serde_json::to_vec(&strata_shared::progress::Event::Note { text })
-            {
+            if let Some(text) = df.frontend_note() {
                 let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-                events.push(build.0, json);
+                events.push(build.0, Event::Note { text });
             }
             CoordinatorToClient::Accepted(wire::BuildAccepted { build_id: build.0 })
         }
@@ -187,15 +166,33 @@ async fn submit_build(shared: &Shared, request_json: &[u8]) -> CoordinatorToClie
     }
 }
 
+/// The build platform a plan is made for: the native platform most registered workers share
+/// (the first such in their order on a tie). With no worker, the plan cannot be placed anyway;
+/// `linux/amd64` keeps its error about placement, not about the platform.
+fn build_platform(workers: &[WorkerInfo]) -> Platform {
+    let mut counts: Vec<(&Platform, usize)> = Vec::new();
+    for p in workers.iter().flat_map(|w| w.capabilities.native.first()) {
+        match counts.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((p, 1)),
+        }
+    }
+    let best = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    counts
+        .into_iter()
+        .find(|(_, n)| *n == best)
+        .map_or_else(|| Platform::new("linux", "amd64", ""), |(p, _)| p.clone())
+}
+
 /// Streams a build's progress events from `from`, then its end.
 async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, mut from: u64) {
     loop {
-        let fresh: Vec<(u64, Vec<u8>)> = {
+        let fresh: Vec<(u64, Event)> = {
             let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
             events.since(build, from)
         };
-        for (seq, event_json) in fresh {
-            let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event_json });
+        for (seq, event) in fresh {
+            let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event });
             if wire::write_frame(send, &ev).await.is_err() {
                 return;
             }
@@ -206,9 +203,14 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
             .node
             .query(move |s| {
                 s.build(id).map(|b| match &b.status {
-                    state::BuildStatus::Succeeded => {
-                        Some(Ok(serde_json::to_vec(&b.result).unwrap_or_default()))
-                    }
+                    state::BuildStatus::Succeeded => Some(Ok(b
+                        .result
+                        .iter()
+                        .map(|t| TargetImage {
+                            platform: t.platform.clone(),
+                            output: t.output.clone(),
+                        })
+                        .collect::<Vec<_>>())),
                     state::BuildStatus::Failed { error } => Some(Err(error.clone())),
                     state::BuildStatus::Cancelled { reason } => {
                         Some(Err(format!("cancelled: {reason}")))
@@ -222,8 +224,8 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
                 let done = CoordinatorToClient::Done(wire::BuildDone {
                     build_id: build,
                     result: match result {
-                        Ok(json) => Outcome::Ok(json),
-                        Err(e) => Outcome::Err(e),
+                        Ok(images) => BuildOutcome::Built(images),
+                        Err(e) => BuildOutcome::Failed(e),
                     },
                 });
                 let _ = wire::write_frame(send, &done).await;

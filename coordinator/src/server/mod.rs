@@ -15,7 +15,6 @@ mod node_task;
 mod progress_log;
 mod workers;
 
-pub use clients::ClusterBuildRequest;
 pub use node_task::{NodeHandle, NodeView};
 
 use std::collections::HashMap;

@@ -9,7 +9,7 @@ use strata_shared::progress::Event;
 /// Step output kept per build for its watchers.
 pub(super) const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
-/// Progress events by build, as JSON ([`Event`]).
+/// Progress events by build.
 #[derive(Debug, Default)]
 pub(super) struct ProgressLog {
     builds: HashMap<u64, BuildLog>,
@@ -17,16 +17,16 @@ pub(super) struct ProgressLog {
 
 #[derive(Debug, Default)]
 struct BuildLog {
-    events: Vec<Vec<u8>>,
+    events: Vec<Event>,
     output_bytes: usize,
     truncated: bool,
 }
 
 impl ProgressLog {
     /// Keeps one event of `build`, unless it is output past the bound.
-    pub(super) fn push(&mut self, build: u64, event_json: Vec<u8>) {
+    pub(super) fn push(&mut self, build: u64, event: Event) {
         let log = self.builds.entry(build).or_default();
-        if let Ok(Event::Output { data, .. }) = serde_json::from_slice::<Event>(&event_json) {
+        if let Event::Output { data, .. } = &event {
             if log.output_bytes + data.len() > MAX_OUTPUT_BYTES {
                 if !log.truncated {
                     log.truncated = true;
@@ -36,19 +36,17 @@ impl ProgressLog {
                             MAX_OUTPUT_BYTES >> 20
                         ),
                     };
-                    if let Ok(json) = serde_json::to_vec(&note) {
-                        log.events.push(json);
-                    }
+                    log.events.push(note);
                 }
                 return;
             }
             log.output_bytes += data.len();
         }
-        log.events.push(event_json);
+        log.events.push(event);
     }
 
     /// The events of `build` from sequence number `from`, with their numbers.
-    pub(super) fn since(&self, build: u64, from: u64) -> Vec<(u64, Vec<u8>)> {
+    pub(super) fn since(&self, build: u64, from: u64) -> Vec<(u64, Event)> {
         self.builds
             .get(&build)
             .map(|log| {
@@ -76,33 +74,29 @@ impl ProgressLog {
 mod tests {
     use super::*;
 
-    fn json(e: &Event) -> Vec<u8> {
-        serde_json::to_vec(e).unwrap()
-    }
-
     #[test]
     fn output_past_the_bound_is_dropped_once_noted_and_the_rest_kept() {
         let mut log = ProgressLog::default();
         let chunk = "x".repeat(MAX_OUTPUT_BYTES / 2);
-        let output = |data: &str| {
-            json(&Event::Output {
-                job: 0,
-                n: 1,
-                data: data.into(),
-            })
+        let output = |data: &str| Event::Output {
+            job: 0,
+            n: 1,
+            data: data.into(),
         };
         log.push(7, output(&chunk));
         log.push(7, output(&chunk));
         log.push(7, output("one byte too many"));
         log.push(7, output("and more"));
-        let done = json(&Event::Note {
+        let done = Event::Note {
             text: "stage done".into(),
-        });
+        };
         log.push(7, done.clone());
         let kept = log.since(7, 0);
         assert_eq!(kept.len(), 4, "two chunks, one note, and the last event");
-        let note = String::from_utf8(kept[2].1.clone()).unwrap();
-        assert!(note.contains("output past 16 MiB is not kept"), "{note}");
+        let Event::Note { text } = &kept[2].1 else {
+            panic!("{:?}", kept[2]);
+        };
+        assert!(text.contains("output past 16 MiB is not kept"), "{text}");
         assert_eq!(kept[3], (3, done));
         assert_eq!(log.since(7, 3).len(), 1);
         assert!(log.since(8, 0).is_empty() && log.since(7, u64::MAX).is_empty());

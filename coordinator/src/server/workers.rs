@@ -5,13 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use strata_shared::job::{ClusterJob, StageJob, StageOutput};
-use strata_shared::platform::Platform;
+use strata_shared::job::{JobContext, StageJob, StageOutput};
+use strata_shared::progress::Event;
 use strata_shared::wire::{
-    self, CoordinatorToWorker, ErrorCode, ErrorReply, JobAck, Outcome, WorkerMsg,
+    self, CoordinatorToWorker, ErrorCode, ErrorReply, JobAck, JobOutcome, WorkerMsg,
 };
 
-use super::clients::ClusterBuildRequest;
 use super::{ProposeError, Shared, WorkerLink, now_ms};
 use crate::state;
 
@@ -150,26 +149,23 @@ async fn worker_request(
             };
             let job = state::JobId(r.job_id);
             let cmd = match r.outcome {
-                Outcome::Ok(json) => {
-                    let output: Result<StageOutput, _> = serde_json::from_slice(&json);
-                    match output.and_then(|o| state::StageResult::from_output(&o)) {
-                        Ok(result) => state::Command::CompleteJob {
-                            now_ms: now_ms(),
-                            job,
-                            token,
-                            result,
+                JobOutcome::Built(output) => match check_output(&output) {
+                    Ok(()) => state::Command::CompleteJob {
+                        now_ms: now_ms(),
+                        job,
+                        token,
+                        result: state::StageResult::from_output(output),
+                    },
+                    Err(e) => state::Command::FailJob {
+                        now_ms: now_ms(),
+                        job,
+                        token,
+                        failure: state::Failure::Worker {
+                            error: format!("the worker's result is invalid: {e}"),
                         },
-                        Err(e) => state::Command::FailJob {
-                            now_ms: now_ms(),
-                            job,
-                            token,
-                            failure: state::Failure::Worker {
-                                error: format!("the worker's result does not decode: {e}"),
-                            },
-                        },
-                    }
-                }
-                Outcome::Err(error) => state::Command::FailJob {
+                    },
+                },
+                JobOutcome::Failed(error) => state::Command::FailJob {
                     now_ms: now_ms(),
                     job,
                     token,
@@ -215,6 +211,29 @@ async fn worker_request(
     }
 }
 
+/// Checks a stage output as a worker reports it, before it is committed: its layers are blobs
+/// named by their keys and digests, and its platform is in normal form.
+fn check_output(output: &StageOutput) -> Result<(), String> {
+    strata_shared::job::check_platform(&output.config.platform())?;
+    for layer in &output.layers {
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(&layer.blake3, 64) {
+            return Err(format!("layer key {:?} is not a blake3 key", layer.blake3));
+        }
+        if !layer
+            .digest
+            .strip_prefix("sha256:")
+            .is_some_and(|h| hex(h, 64))
+        {
+            return Err(format!(
+                "layer digest {:?} is not a sha256 digest",
+                layer.digest
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Progress events of one job: kept for the build's watchers.
 async fn progress_stream(shared: Arc<Shared>, mut stream: quinn::RecvStream) {
     let mut build: Option<u64> = None;
@@ -231,7 +250,7 @@ async fn progress_stream(shared: Arc<Shared>, mut stream: quinn::RecvStream) {
         }
         if let Some(b) = build {
             let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-            events.push(b, p.event_json);
+            events.push(b, p.event);
         }
     }
 }
@@ -244,17 +263,17 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
         .node
         .query(move |s| {
             let spec = s.job_spec(job)?;
-            let req: ClusterBuildRequest = serde_json::from_str(spec.request).ok()?;
+            let req = spec.request;
             let inputs: BTreeMap<usize, StageOutput> = spec
                 .inputs
                 .iter()
-                .filter_map(|(i, r)| Some((*i, serde_json::from_str(&r.output).ok()?)))
+                .map(|(i, r)| (*i, (*r.output).clone()))
                 .collect();
             let stage_job = StageJob {
                 id: job.0 as usize,
                 dockerfile: req.dockerfile.clone(),
                 options: req.options.clone(),
-                build_platform: Platform::host(),
+                build_platform: spec.build_platform.clone(),
                 target_platform: spec
                     .instance
                     .targets
@@ -263,7 +282,11 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                     .unwrap_or_else(|| spec.instance.platform.clone()),
                 stage: spec.instance.index,
                 inputs,
-                context: std::path::PathBuf::new(),
+                context: if req.context_id.is_empty() {
+                    JobContext::None
+                } else {
+                    JobContext::Store(req.context_id.clone())
+                },
                 show_platform: req.platforms.len() > 1,
                 no_cache: req.no_cache,
                 secrets: BTreeMap::new(),
@@ -274,12 +297,7 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 "stage {} ({}) runs on worker {}",
                 spec.instance.name, spec.instance.platform, worker
             );
-            let json = serde_json::to_vec(&ClusterJob {
-                job: stage_job,
-                context_id: Some(req.context_id),
-            })
-            .ok()?;
-            Some((json, spec.build.0, note))
+            Some((stage_job, spec.build.0, note))
         })
         .await
         .flatten();
@@ -288,23 +306,19 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
         workers.get(&lease.worker).map(|l| l.conn.clone())
     };
     let refused = match (spec, conn) {
-        (Some((job_json, build, note)), Some(conn)) => {
+        (Some((stage_job, build, note)), Some(conn)) => {
             let offer = CoordinatorToWorker::Offer(wire::JobOffer {
                 job_id: job.0,
                 epoch: lease.token.epoch,
                 term: lease.token.term,
                 deadline_ms: lease.deadline_ms,
-                job_json,
+                job: stage_job,
             });
             match wire::request::<WorkerMsg>(&conn, &offer).await {
                 Ok(WorkerMsg::Ack(a)) if a.accepted => {
                     // Where each stage runs, for the build's watchers.
-                    if let Ok(json) =
-                        serde_json::to_vec(&strata_shared::progress::Event::Note { text: note })
-                    {
-                        let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-                        events.push(build, json);
-                    }
+                    let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+                    events.push(build, Event::Note { text: note });
                     None
                 }
                 Ok(WorkerMsg::Ack(a)) => Some(format!("the worker refused the job: {}", a.reason)),

@@ -1,29 +1,51 @@
 //! The commands the Raft log carries, what applying one answers, and why one is refused.
 //!
-//! A command travels as JSON in an envelope whose first field is the format version:
-//! `{"version":1,"command":{"op":"grant_leases",...}}`. [`Command::decode`] reads the version
-//! first and refuses one it does not know, so a node never half-understands an entry written
-//! by a newer one. Time and the leader's term are stamped into the command by the leader; the
-//! state machine never reads a clock.
+//! A command travels as 4 magic bytes, its format version (4 bytes) and its rkyv archive.
+//! [`Command::decode`] reads the version first and refuses one it does not know, so a node
+//! never half-understands an entry written by a newer one, then validates the archive
+//! (bytecheck) before decoding it. Time and the leader's term are stamped into the command by
+//! the leader; the state machine never reads a clock.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use strata_shared::dag::Plan;
-use strata_shared::job::StageOutput;
+use strata_shared::job::{BuildRequest, StageOutput};
 use strata_shared::platform::{Capabilities, Platform};
 use strata_shared::store::BlobMeta;
+use strata_shared::wire::WireMessage;
 
 use super::{BuildId, BuildStatus, JobId, LeaseToken, WorkerState};
 use crate::placement::Emulation;
 
-/// The version of the command format this code writes and reads.
-pub const COMMAND_VERSION: u32 = 1;
+/// The version of the command format this code writes and reads: 1 was JSON, 2 is rkyv.
+pub const COMMAND_VERSION: u32 = 2;
+/// The first bytes of every log entry since version 2.
+pub const COMMAND_MAGIC: &[u8; 4] = b"STRC";
 
 /// A change to the replicated state. Every node applies the same commands in the same order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[rkyv(serialize_bounds(
+    __S: rkyv::ser::Writer + rkyv::ser::Allocator,
+    __S::Error: rkyv::rancor::Source,
+))]
+#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
+#[rkyv(bytecheck(bounds(
+    __C: rkyv::validation::ArchiveContext,
+    __C::Error: rkyv::rancor::Source,
+)))]
 pub enum Command {
     /// A new build: its request and its plan. The build gets the next build id; its jobs the
     /// next job ids, in plan order. Instances the plan marks cached start done.
@@ -31,8 +53,8 @@ pub enum Command {
         now_ms: u64,
         /// The queue the build is fair-shared in (a team, a project).
         tenant: String,
-        /// The build request as the API received it (JSON text), kept opaque.
-        request: String,
+        /// The build request as the client sent it.
+        request: Box<BuildRequest>,
         plan: PlanSummary,
         #[serde(default)]
         policy: BuildPolicy,
@@ -117,11 +139,25 @@ pub enum Command {
     RetireCoordinator { id: u64, name: String, addr: String },
     /// Several commands in one log entry, applied in order, each on its own (one refused does
     /// not undo the others). Batches do not nest.
-    Batch { commands: Vec<Command> },
+    Batch {
+        #[rkyv(omit_bounds)]
+        commands: Vec<Command>,
+    },
 }
 
 /// How a worker leaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Removal {
     Drain,
@@ -129,7 +165,17 @@ pub enum Removal {
 }
 
 /// One job leased to one worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Grant {
     pub job: JobId,
     pub worker: String,
@@ -137,7 +183,17 @@ pub struct Grant {
 }
 
 /// A new deadline for a current lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Renewal {
     pub job: JobId,
     pub token: LeaseToken,
@@ -145,7 +201,17 @@ pub struct Renewal {
 }
 
 /// A lease, named by its job and fencing token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct LeaseRef {
     pub job: JobId,
     pub token: LeaseToken,
@@ -155,7 +221,17 @@ pub struct LeaseRef {
 }
 
 /// Why a job failed, which decides what happens next.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Failure {
     /// A build step failed (user error: a command exited non-zero, a file is missing). The
@@ -167,14 +243,34 @@ pub enum Failure {
 }
 
 /// A job the scheduler found no worker for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct UnplaceableJob {
     pub job: JobId,
     pub message: String,
 }
 
 /// Layers known under a cache key, and optionally a worker that holds them locally.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct CacheRecord {
     pub key: String,
     /// Empty keeps the layers already recorded under the key.
@@ -185,45 +281,78 @@ pub struct CacheRecord {
 }
 
 /// A holder evicted a key (`worker` set) or the key is forgotten entirely (`worker` absent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct CacheDrop {
     pub key: String,
     #[serde(default)]
     pub worker: Option<String>,
 }
 
-/// What the state machine keeps of a finished stage: the worker's [`StageOutput`] as JSON
-/// (opaque here, read by the exporter and by dependent jobs), plus the cache key and the
-/// layers, which the leader extracts when it proposes the command so that `apply` never
-/// parses worker output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the state machine keeps of a finished stage: the worker's [`StageOutput`] (read by
+/// the exporter and by dependent jobs), whose cache key and layers feed the cache index.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct StageResult {
-    pub output: String,
-    pub key: String,
-    #[serde(default)]
-    pub layers: Vec<BlobMeta>,
+    pub output: Box<StageOutput>,
 }
 
 impl StageResult {
-    pub fn from_output(output: &StageOutput) -> Result<Self, serde_json::Error> {
-        Ok(StageResult {
-            output: serde_json::to_string(output)?,
-            key: output.key.clone(),
-            layers: output.layers.clone(),
-        })
+    pub fn from_output(output: StageOutput) -> Self {
+        StageResult {
+            output: Box::new(output),
+        }
+    }
+
+    /// The cache key of the stage's filesystem state.
+    pub fn key(&self) -> &str {
+        &self.output.key
+    }
+
+    /// The stage's layers, bottom first.
+    pub fn layers(&self) -> &[BlobMeta] {
+        &self.output.layers
     }
 
     /// Bytes of the stage's layers (what a worker lacking them must fetch).
     pub fn size(&self) -> u64 {
-        self.layers.iter().map(|l| l.size).sum()
+        self.output.layers.iter().map(|l| l.size).sum()
     }
 }
 
 /// Per-build scheduling policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct BuildPolicy {
     /// Whether stages may run under emulation when no worker runs their platform natively.
-    #[serde(with = "emulation_serde")]
     pub emulation: Emulation,
     /// Leases a job gets before losing workers fails the build; at least 1. Default 3.
     pub max_attempts: u32,
@@ -238,24 +367,23 @@ impl Default for BuildPolicy {
     }
 }
 
-mod emulation_serde {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::placement::Emulation;
-
-    pub fn serialize<S: Serializer>(e: &Emulation, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&e.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Emulation, D::Error> {
-        String::deserialize(d)?.parse().map_err(D::Error::custom)
-    }
-}
-
 /// The part of a [`Plan`] the state machine needs: the instances and their dependencies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct PlanSummary {
+    /// The platform the plan was made for as the builder's (`BUILDPLATFORM`): a worker's
+    /// native platform. Jobs are offered with it.
+    #[serde(default = "legacy_build_platform")]
+    pub build_platform: Platform,
     /// In plan order: an instance's dependencies come before it.
     pub instances: Vec<InstanceSummary>,
     /// The instance producing each requested platform's image.
@@ -263,7 +391,17 @@ pub struct PlanSummary {
 }
 
 /// One stage instance: one job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct InstanceSummary {
     /// Position in [`PlanSummary::instances`].
     pub id: usize,
@@ -286,15 +424,32 @@ pub struct InstanceSummary {
 }
 
 /// The instance producing a platform's image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct TargetRef {
     pub platform: Platform,
     pub instance: usize,
 }
 
+/// The build platform of a plan recorded before plans carried one: the coordinator's own, as
+/// the jobs of such a plan were offered with it.
+fn legacy_build_platform() -> Platform {
+    Platform::host()
+}
+
 impl PlanSummary {
-    pub fn from_plan(plan: &Plan) -> Self {
+    pub fn from_plan(plan: &Plan, build_platform: &Platform) -> Self {
         PlanSummary {
+            build_platform: build_platform.clone(),
             instances: plan
                 .instances
                 .iter()
@@ -354,51 +509,45 @@ impl PlanSummary {
     }
 }
 
-#[derive(Serialize)]
-struct EnvelopeOut<'a> {
-    version: u32,
-    command: &'a Command,
-}
-
-#[derive(Deserialize)]
-struct EnvelopeIn {
-    #[allow(dead_code)]
-    version: u32,
-    command: Command,
-}
-
-#[derive(Deserialize)]
-struct VersionProbe {
-    version: u32,
-}
-
 impl Command {
-    /// The log-entry bytes: `{"version":1,"command":{...}}`.
+    /// The log-entry bytes: [`COMMAND_MAGIC`], the format version ([`COMMAND_VERSION`], `u32`
+    /// little-endian), then the command's rkyv archive.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&EnvelopeOut {
-            version: COMMAND_VERSION,
-            command: self,
-        })
-        // Every map in a command has string keys and every type serializes infallibly.
-        .expect("a command always serializes")
+        // Every field of a command is archivable and nothing limits an archive's size here.
+        let archive = self.to_archive().expect("a command always archives");
+        let mut out = Vec::with_capacity(8 + archive.len());
+        out.extend_from_slice(COMMAND_MAGIC);
+        out.extend_from_slice(&COMMAND_VERSION.to_le_bytes());
+        out.extend_from_slice(&archive);
+        out
     }
 
-    /// Reads log-entry bytes, refusing a version this code does not know.
+    /// Reads log-entry bytes, refusing a version this code does not know and validating the
+    /// archive before anything of it is used. Version 1 entries (JSON) are migrated.
     pub fn decode(bytes: &[u8]) -> Result<Command, Rejection> {
-        let probe: VersionProbe =
-            serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed {
-                error: format!("no command envelope: {e}"),
-            })?;
-        if probe.version != COMMAND_VERSION {
+        if bytes.starts_with(b"{") {
+            return super::migrate::command_v1(bytes);
+        }
+        let Some(rest) = bytes.strip_prefix(COMMAND_MAGIC) else {
+            return Err(Rejection::Malformed {
+                error: "not a command entry (no magic)".into(),
+            });
+        };
+        let Some((version, archive)) = rest.split_first_chunk::<4>() else {
+            return Err(Rejection::Malformed {
+                error: "a command entry without its version".into(),
+            });
+        };
+        let version = u32::from_le_bytes(*version);
+        if version != COMMAND_VERSION {
             return Err(Rejection::UnsupportedVersion {
-                found: probe.version,
+                found: version,
                 supported: COMMAND_VERSION,
             });
         }
-        let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed {
+        Command::from_archive(archive).map_err(|e| Rejection::Malformed {
             error: e.to_string(),
-        })?;
-        Ok(env.command)
+        })
     }
 
     /// The command's name, for logs.

@@ -42,12 +42,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use strata_shared::job::{BuildRequest, StageOutput};
 use strata_shared::platform::{Capabilities, Platform};
 use strata_shared::store::BlobMeta;
 
 use crate::placement::Emulation;
 
 mod command;
+mod migrate;
 mod query;
 pub mod simulation;
 #[cfg(test)]
@@ -60,19 +62,46 @@ pub use command::{
 };
 pub use query::{BuildLine, Counters, JobCounts, JobSpec, StatusSummary, TenantLine, WorkerLine};
 
-/// The version of the snapshot format this code writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The version of the snapshot format this code writes; it also reads version 1 (build
+/// requests and stage outputs kept as JSON text, see `migrate`).
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// A build's id: assigned in log order, from 1.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 #[serde(transparent)]
 pub struct BuildId(pub u64);
 
 /// A job's id: assigned in log order, from 1; a build's jobs are consecutive, in plan order.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 #[serde(transparent)]
 pub struct JobId(pub u64);
@@ -92,7 +121,20 @@ impl fmt::Display for JobId {
 /// The fencing token of a lease: the granting leader's term and the job's epoch. Workers
 /// present it with every result; only the job's current token is accepted.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
 )]
 pub struct LeaseToken {
     pub term: u64,
@@ -110,8 +152,8 @@ impl fmt::Display for LeaseToken {
 pub struct Build {
     pub id: BuildId,
     pub tenant: String,
-    /// The build request as submitted (JSON text).
-    pub request: String,
+    /// The build request as submitted.
+    pub request: Box<BuildRequest>,
     /// The plan; cached results live in the jobs, not here.
     pub plan: PlanSummary,
     pub policy: BuildPolicy,
@@ -157,13 +199,12 @@ impl BuildStatus {
     }
 }
 
-/// The image of one target platform: the [`strata_shared::job::StageOutput`] JSON of its
-/// target job.
+/// The image of one target platform: the output of its target job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetOutput {
     pub platform: Platform,
     pub job: JobId,
-    pub output: String,
+    pub output: StageOutput,
 }
 
 /// One stage instance of one build.
@@ -464,7 +505,7 @@ impl StateMachine {
         }
     }
 
-    /// The whole state as bytes: `{"version":1,"state":{...}}`, deterministic.
+    /// The whole state as bytes: `{"version":2,"state":{...}}`, deterministic.
     pub fn snapshot(&self) -> Vec<u8> {
         serde_json::to_vec(&SnapshotOut {
             version: SNAPSHOT_VERSION,
@@ -484,15 +525,24 @@ impl StateMachine {
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let probe: VersionProbe =
             serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        if probe.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion {
-                found: probe.version,
-                supported: SNAPSHOT_VERSION,
-            });
-        }
-        let snap: SnapshotIn =
-            serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        let mut state = snap.state;
+        let mut state: StateMachine = match probe.version {
+            1 => {
+                let state = migrate::snapshot_v1(bytes).map_err(SnapshotError::Malformed)?;
+                serde_json::from_value(state)
+                    .map_err(|e| SnapshotError::Malformed(e.to_string()))?
+            }
+            SNAPSHOT_VERSION => {
+                let snap: SnapshotIn = serde_json::from_slice(bytes)
+                    .map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+                snap.state
+            }
+            found => {
+                return Err(SnapshotError::UnsupportedVersion {
+                    found,
+                    supported: SNAPSHOT_VERSION,
+                });
+            }
+        };
         state.reindex();
         Ok(state)
     }
@@ -591,7 +641,7 @@ impl StateMachine {
         &mut self,
         now_ms: u64,
         tenant: String,
-        request: String,
+        request: Box<BuildRequest>,
         mut plan: PlanSummary,
         policy: BuildPolicy,
     ) -> Response {
@@ -777,7 +827,7 @@ impl StateMachine {
                 Some(JobState::Done { result: r, .. }) => result.push(TargetOutput {
                     platform: t.platform.clone(),
                     job,
-                    output: r.output.clone(),
+                    output: (*r.output).clone(),
                 }),
                 _ => return b.status.clone(),
             }
@@ -1026,8 +1076,9 @@ impl StateMachine {
             Ok(l) => l,
             Err(reason) => return rejected(reason),
         };
-        if !result.key.is_empty() {
-            self.note_cache(&result.key, &result.layers, Some(&lease.worker), now_ms);
+        if !result.key().is_empty() {
+            let (key, layers) = (result.key().to_string(), result.layers().to_vec());
+            self.note_cache(&key, &layers, Some(&lease.worker), now_ms);
         }
         self.set_state(
             job,

@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
-use strata_shared::platform::Capabilities;
+use strata_shared::job::BuildRequest;
+use strata_shared::platform::{Capabilities, Platform};
 
 use super::{
     BuildId, BuildStatus, Command, Grant, InstanceSummary, JobId, JobState, Lease, LeaseRef,
@@ -115,7 +116,9 @@ pub struct StatusSummary {
 pub struct JobSpec<'a> {
     pub job: JobId,
     pub build: BuildId,
-    pub request: &'a str,
+    pub request: &'a BuildRequest,
+    /// The plan's build platform (`BUILDPLATFORM` of every instance).
+    pub build_platform: &'a Platform,
     pub instance: &'a InstanceSummary,
     pub lease: Option<&'a Lease>,
     pub inputs: Vec<(usize, &'a StageResult)>,
@@ -188,8 +191,8 @@ impl StateMachine {
             .deps
             .iter()
             .filter_map(|d| match &self.jobs.get(d)?.state {
-                JobState::Done { result, .. } if !result.key.is_empty() => Some(ParentLayer {
-                    key: result.key.clone(),
+                JobState::Done { result, .. } if !result.key().is_empty() => Some(ParentLayer {
+                    key: result.key().to_string(),
                     size: result.size(),
                 }),
                 _ => None,
@@ -392,6 +395,7 @@ impl StateMachine {
             job,
             build: j.build,
             request: &build.request,
+            build_platform: &build.plan.build_platform,
             instance,
             lease: match &j.state {
                 JobState::Leased(l) => Some(l),

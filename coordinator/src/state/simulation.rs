@@ -14,7 +14,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 
-use strata_shared::job::StageOutput;
+use strata_shared::job::{BuildRequest, StageOutput};
 use strata_shared::oci::{ImageConfig, MEDIA_OCI_LAYER_GZIP};
 use strata_shared::platform::{Capabilities, Platform};
 use strata_shared::store::BlobMeta;
@@ -196,6 +196,21 @@ fn stage_key(stage: usize) -> String {
     format!("sim-stage-{stage}")
 }
 
+/// A build request as simulated builds submit it (the state machine keeps it, never reads it).
+pub fn request() -> BuildRequest {
+    BuildRequest {
+        dockerfile: "FROM scratch\n".into(),
+        context_id: String::new(),
+        options: Default::default(),
+        platforms: vec![Platform::new("linux", "amd64", "")],
+        no_cache: false,
+        allow_host_network: false,
+        compression: Default::default(),
+        emulation: Default::default(),
+        tenant: "sim".into(),
+    }
+}
+
 fn stage_result(stage: usize, size: u64, platform: &Platform) -> StageResult {
     let layer = BlobMeta {
         version: 1,
@@ -213,7 +228,7 @@ fn stage_result(stage: usize, size: u64, platform: &Platform) -> StageResult {
         declared: Vec::new(),
     };
     // A StageOutput always serializes.
-    StageResult::from_output(&output).expect("stage output serializes")
+    StageResult::from_output(output)
 }
 
 /// A running stage: when it ends, and under which lease.
@@ -271,6 +286,7 @@ pub(crate) fn run(stages: usize, workers: usize, seed: u64) -> Run {
         .collect();
     propose(&mut state, Command::Batch { commands: register });
     let plan = PlanSummary {
+        build_platform: amd64.clone(),
         instances: (0..n)
             .map(|i| InstanceSummary {
                 id: i,
@@ -293,7 +309,7 @@ pub(crate) fn run(stages: usize, workers: usize, seed: u64) -> Run {
         Command::SubmitBuild {
             now_ms: 0,
             tenant: "sim".into(),
-            request: "{}".into(),
+            request: Box::new(request()),
             plan,
             policy: Default::default(),
         },

@@ -71,7 +71,7 @@ impl Cluster {
         match self.apply(Command::SubmitBuild {
             now_ms: self.now,
             tenant: tenant.into(),
-            request: r#"{"dockerfile":"FROM scratch"}"#.into(),
+            request: Box::new(super::simulation::request()),
             plan,
             policy,
         }) {
@@ -154,7 +154,7 @@ fn result(key: &str) -> StageResult {
         env: Vec::new(),
         declared: Vec::new(),
     };
-    StageResult::from_output(&output).unwrap()
+    StageResult::from_output(output)
 }
 
 fn inst(id: usize, name: &str, platform: &str, deps: &[usize]) -> InstanceSummary {
@@ -172,6 +172,7 @@ fn inst(id: usize, name: &str, platform: &str, deps: &[usize]) -> InstanceSummar
 
 fn plan(instances: Vec<InstanceSummary>, targets: &[(&str, usize)]) -> PlanSummary {
     PlanSummary {
+        build_platform: p("linux/amd64"),
         instances,
         targets: targets
             .iter()
@@ -245,7 +246,7 @@ fn jobs_become_ready_in_dependency_order_and_the_build_succeeds_with_the_targets
     assert_eq!(b.result.len(), 1);
     assert_eq!(b.result[0].platform, p("linux/amd64"));
     assert_eq!(b.result[0].job, d);
-    let out: StageOutput = serde_json::from_str(&b.result[0].output).unwrap();
+    let out: StageOutput = b.result[0].output.clone();
     assert_eq!(out.key, format!("key-{}", d.0));
     assert!(c.sm.ready_jobs().is_empty());
     assert_eq!(c.sm.running_counts()["w1"], 0);
@@ -786,7 +787,7 @@ fn cached_stages_start_done() {
     match c.apply(Command::SubmitBuild {
         now_ms: 7,
         tenant: "t".into(),
-        request: "{}".into(),
+        request: Box::new(super::simulation::request()),
         plan: all,
         policy: BuildPolicy::default(),
     }) {
@@ -806,7 +807,7 @@ fn invalid_plans_and_workers_are_refused() {
     let resp = c.apply(Command::SubmitBuild {
         now_ms: 0,
         tenant: "t".into(),
-        request: "{}".into(),
+        request: Box::new(super::simulation::request()),
         plan: bad,
         policy: BuildPolicy::default(),
     });
@@ -834,11 +835,11 @@ fn unknown_command_versions_and_garbage_are_refused() {
     let mut c = Cluster::new();
     c.register("w", &["linux/amd64"], &[], 1);
     let before = c.content();
-    let future = br#"{"version":2,"command":{"op":"teleport_build","now_ms":1}}"#;
+    let future = br#"{"version":3,"command":{"op":"teleport_build","now_ms":1}}"#;
     let resp = c.sm.apply_bytes(2, future);
     assert_eq!(
         resp.rejection().unwrap().to_string(),
-        "command format version 2 is not supported (this node reads version 1)"
+        "command format version 3 is not supported (this node reads version 2)"
     );
     let resp = c.sm.apply_bytes(3, b"not json");
     assert!(matches!(
@@ -866,20 +867,16 @@ fn unknown_command_versions_and_garbage_are_refused() {
             last_applied: 4
         })
     );
-    // The envelope's first field is the version.
+    // An entry starts with the magic and the version.
     let bytes = Command::RetireBuilds { builds: vec![] }.encode();
-    assert!(
-        bytes.starts_with(br#"{"version":1,"#),
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
+    assert!(bytes.starts_with(b"STRC\x02\0\0\0"), "{bytes:?}");
     // Snapshots are versioned the same way.
     let mut snap: serde_json::Value = serde_json::from_slice(&c.sm.snapshot()).unwrap();
     snap["version"] = 9.into();
     let err = StateMachine::from_snapshot(&serde_json::to_vec(&snap).unwrap()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "snapshot format version 9 is not supported (this node reads version 1)"
+        "snapshot format version 9 is not supported (this node reads version 2)"
     );
 }
 
@@ -1034,7 +1031,7 @@ fn the_cache_index_records_holders_and_forgets_them() {
         entries: vec![
             CacheRecord {
                 key: "step-1".into(),
-                layers: result("step-1-layer").layers,
+                layers: result("step-1-layer").layers().to_vec(),
                 worker: Some("w1".into()),
             },
             CacheRecord {
@@ -1241,17 +1238,13 @@ fn queries_summarise_the_cluster() {
     let spec = c.sm.job_spec(jobs[0]).unwrap();
     assert_eq!(spec.instance.name, "a");
     assert_eq!(spec.lease.unwrap().token, t);
-    assert!(spec.request.contains("FROM scratch"));
+    assert!(spec.request.dockerfile.contains("FROM scratch"));
 
     c.complete(jobs[0], t);
     let t = c.lease(jobs[1], "x86");
     c.complete(jobs[1], t);
     let spec = c.sm.job_spec(jobs[2]).unwrap();
-    let inputs: Vec<(usize, &str)> = spec
-        .inputs
-        .iter()
-        .map(|(i, r)| (*i, r.key.as_str()))
-        .collect();
+    let inputs: Vec<(usize, &str)> = spec.inputs.iter().map(|(i, r)| (*i, r.key())).collect();
     assert_eq!(inputs, [(0, "key-1"), (1, "key-2")]);
 
     let status = c.sm.status(10);
@@ -1440,4 +1433,99 @@ fn simulation_1000_stages_on_100_workers() {
         check_simulation(&simulation::simulate(1000, 100, seed));
         check_simulation(&simulation::simulate(1000, 20, seed));
     }
+}
+
+/// Version 1 kept requests and outputs as JSON text: turns a version-2 JSON document into that.
+fn as_version_1(doc: &mut serde_json::Value) {
+    match doc {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                if matches!(key.as_str(), "request" | "output") && value.is_object() {
+                    *value = serde_json::Value::String(value.to_string());
+                } else {
+                    as_version_1(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(as_version_1),
+        _ => {}
+    }
+}
+
+#[test]
+fn version_1_log_entries_and_snapshots_are_read() {
+    let mut c = Cluster::new();
+    let (_, jobs) = c.submit(diamond());
+    c.apply(Command::Batch {
+        commands: vec![Command::GrantLeases {
+            now_ms: c.now,
+            term: 1,
+            grants: vec![Grant {
+                job: jobs[0],
+                worker: "w1".into(),
+                deadline_ms: c.now + 10_000,
+            }],
+        }],
+    });
+    // A version-1 entry of a command carrying a request and one carrying an output.
+    let complete = Command::CompleteJob {
+        now_ms: 5,
+        job: jobs[0],
+        token: LeaseToken { term: 1, epoch: 1 },
+        result: result("a"),
+    };
+    let submit = Command::SubmitBuild {
+        now_ms: 6,
+        tenant: "t".into(),
+        request: Box::new(super::simulation::request()),
+        plan: diamond(),
+        policy: BuildPolicy::default(),
+    };
+    for cmd in [complete, submit] {
+        let mut command = serde_json::to_value(&cmd).unwrap();
+        as_version_1(&mut command);
+        let v1 = serde_json::json!({"version": 1, "command": command}).to_string();
+        assert!(
+            v1.contains("\"output\":\"{") || v1.contains("\"request\":\"{"),
+            "{v1}"
+        );
+        assert_eq!(Command::decode(v1.as_bytes()).unwrap(), cmd);
+        // And today's form round-trips through rkyv.
+        assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+    }
+    // A version-1 snapshot of a state with a build, a leased job and a finished one.
+    let v2 = c.sm.snapshot();
+    let mut snapshot: serde_json::Value = serde_json::from_slice(&v2).unwrap();
+    snapshot["version"] = 1.into();
+    as_version_1(&mut snapshot);
+    let restored = StateMachine::from_snapshot(snapshot.to_string().as_bytes()).unwrap();
+    assert_eq!(restored.snapshot(), v2);
+    // Unknown versions are refused, not guessed.
+    snapshot["version"] = 9.into();
+    assert!(StateMachine::from_snapshot(snapshot.to_string().as_bytes()).is_err());
+    let mut future = cmd_bytes_with_version(9);
+    assert!(matches!(
+        Command::decode(&future),
+        Err(Rejection::UnsupportedVersion { found: 9, .. })
+    ));
+    future.truncate(6);
+    assert!(matches!(
+        Command::decode(&future),
+        Err(Rejection::Malformed { .. })
+    ));
+    // A corrupt archive is an error, never a panic.
+    let mut corrupt = Command::RetireBuilds {
+        builds: vec![BuildId(1)],
+    }
+    .encode();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    corrupt.truncate(last);
+    assert!(Command::decode(&corrupt).is_err());
+}
+
+fn cmd_bytes_with_version(version: u32) -> Vec<u8> {
+    let mut bytes = Command::RetireBuilds { builds: Vec::new() }.encode();
+    bytes[4..8].copy_from_slice(&version.to_le_bytes());
+    bytes
 }

@@ -27,7 +27,18 @@ use crate::platform::Platform;
 use crate::reference::ImageRef;
 
 /// What a build is asked for, apart from the platforms.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct BuildOptions {
     /// `--build-arg` values.
     pub build_args: BTreeMap<String, String>,

@@ -27,7 +27,7 @@ use super::WireError;
 
 /// The wire protocol version this build speaks, carried by every frame. Bump it whenever a
 /// message's archived layout changes.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// The largest frame accepted or sent, in bytes after the length field (64 MiB). Anything
 /// bigger (Raft snapshots, layers) is sent in chunks or through the blob store.
@@ -233,7 +233,11 @@ mod tests {
             WorkerMsg::Progress(JobProgress {
                 job_id: 7,
                 // Bigger than the pipe and than one read chunk.
-                event_json: vec![0xab; 200_000],
+                event: crate::progress::Event::Output {
+                    job: 7,
+                    n: 1,
+                    data: "x".repeat(200_000),
+                },
             }),
         ];
         let sent = msgs.clone();
@@ -315,7 +319,9 @@ mod tests {
     async fn oversize_message_is_refused_on_write() {
         let msg = JobProgress {
             job_id: 1,
-            event_json: vec![0; MAX_FRAME_LEN],
+            event: crate::progress::Event::Note {
+                text: "x".repeat(MAX_FRAME_LEN),
+            },
         };
         let mut out = Vec::new();
         let err = write_frame(&mut out, &msg).await.unwrap_err();

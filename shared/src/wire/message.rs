@@ -10,16 +10,18 @@
 //! | coordinator → worker (stream opened by the coordinator) | [`CoordinatorToWorker`] | [`WorkerMsg`] |
 //! | client → coordinator | [`ClientMsg`] | [`CoordinatorToClient`], one or several frames |
 //!
-//! The messages are plain: strings, integers, byte vectors, vectors, options and enums. Richer
-//! strata types (stage jobs, build requests, progress events, image outputs) travel as
-//! `Vec<u8>` JSON blobs (`*_json` fields) made with `serde_json` from the types in
-//! [`crate::job`], [`crate::progress`] and friends, so that those types need no rkyv derive and
-//! can change without a wire version bump as long as their JSON stays compatible. Any change
-//! to the structs and enums here changes the archive layout and needs a new
+//! Every message is a typed rkyv struct, down to the build requests, stage jobs, stage outputs
+//! and progress events it carries (the types of [`crate::job`], [`crate::progress`],
+//! [`crate::oci`] and [`crate::platform`]): nothing travels as JSON inside a frame. A frame is
+//! validated with bytecheck before it is decoded, and what it says is checked by the receiver
+//! ([`SubmitBuild::validate`] and friends) before it is used. Any change to the types here, or
+//! to the types they carry, changes the archive layout and needs a new
 //! [`super::WIRE_VERSION`].
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::job::{BuildRequest, StageJob, StageOutput, TargetImage};
+use crate::progress::Event;
 use crate::tls::Role;
 
 /// Identifier of a build, assigned by the coordinator (unique within a cluster).
@@ -113,6 +115,8 @@ pub struct RaftMessage {
 /// What a worker sends: requests on streams it opens, and [`WorkerMsg::Ack`] as the answer to
 /// a [`CoordinatorToWorker::Offer`] on a stream the coordinator opened.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+// A message is built, sent once and dropped: boxing its large variant only adds an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum WorkerMsg {
     Register(RegisterWorker),
     Heartbeat(Heartbeat),
@@ -134,6 +138,8 @@ pub struct LeaveCluster {
 /// What a coordinator sends a worker: answers to [`WorkerMsg`] requests, and requests of its
 /// own (offers, cancellations) on streams it opens.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+// A message is built, sent once and dropped: boxing its large variant only adds an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum CoordinatorToWorker {
     /// A job for the worker to run; it answers [`WorkerMsg::Ack`].
     Offer(JobOffer),
@@ -180,16 +186,15 @@ pub struct JobOffer {
     pub term: u64,
     /// Lease deadline, milliseconds since the Unix epoch.
     pub deadline_ms: u64,
-    /// The stage job ([`crate::job::StageJob`]) as JSON.
-    pub job_json: Vec<u8>,
+    /// The stage to build.
+    pub job: StageJob,
 }
 
 /// Progress of a running job: one build event. Not replicated through Raft.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct JobProgress {
     pub job_id: JobId,
-    /// One progress event ([`crate::progress::Event`]) as JSON.
-    pub event_json: Vec<u8>,
+    pub event: Event,
 }
 
 /// A job finished, on the worker's side.
@@ -200,8 +205,19 @@ pub struct JobResult {
     pub epoch: u64,
     /// The fencing token of the offer.
     pub term: u64,
-    /// `Ok`: the stage output ([`crate::job::StageOutput`]) as JSON; `Err`: why it failed.
-    pub outcome: Outcome,
+    pub outcome: JobOutcome,
+}
+
+/// How a job ended on its worker.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+// A message is built, sent once and dropped: boxing its large variant only adds an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum JobOutcome {
+    /// The stage was built.
+    Built(StageOutput),
+    /// A build step failed, with the error message (the Dockerfile line, step and command it
+    /// is about).
+    Failed(String),
 }
 
 /// Accepted or refused, with the reason.
@@ -219,13 +235,13 @@ pub struct CancelJob {
     pub epoch: u64,
 }
 
-/// How a job or a build ended.
+/// How a build ended.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum Outcome {
-    /// Succeeded; the JSON of the result (documented where the outcome is used).
-    Ok(Vec<u8>),
-    /// Failed, with the error message (the Dockerfile line, step and command it is about).
-    Err(String),
+pub enum BuildOutcome {
+    /// Succeeded: the image of each target platform.
+    Built(Vec<TargetImage>),
+    /// Failed or cancelled, with why.
+    Failed(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,9 +284,7 @@ pub enum CoordinatorToClient {
 /// Build this.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct SubmitBuild {
-    /// The build request (Dockerfile, context manifest digest, target, build arguments,
-    /// platforms, outputs, secrets by reference) as JSON.
-    pub request_json: Vec<u8>,
+    pub request: BuildRequest,
 }
 
 /// The build is committed and queued.
@@ -298,16 +312,14 @@ pub struct CancelBuild {
 pub struct BuildEvent {
     /// Sequence number within the build, from 0, without gaps.
     pub seq: u64,
-    /// The progress event ([`crate::progress::Event`]) as JSON.
-    pub event_json: Vec<u8>,
+    pub event: Event,
 }
 
 /// A build ended.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct BuildDone {
     pub build_id: BuildId,
-    /// `Ok`: the build result (image digests, exported outputs) as JSON; `Err`: why it failed.
-    pub result: Outcome,
+    pub result: BuildOutcome,
 }
 
 /// A change to the coordinators' Raft group.
@@ -426,7 +438,7 @@ pub struct ErrorReply {
 /// The kind of an [`ErrorReply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum ErrorCode {
-    /// The request is malformed (its JSON does not parse, a field is invalid).
+    /// The request is malformed (a field is invalid).
     BadRequest,
     /// The build, job or worker named does not exist.
     NotFound,

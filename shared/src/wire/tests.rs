@@ -116,12 +116,119 @@ where
     back
 }
 
-fn outcomes() -> [Outcome; 2] {
-    [
-        Outcome::Ok(br#"{"layers":[]}"#.to_vec()),
-        Outcome::Err(
-            "process \"/bin/sh -c make\" did not complete successfully: exit code: 2".into(),
-        ),
+const STEP_FAILED: &str = "process \"/bin/sh -c make\" did not complete successfully: exit code: 2";
+
+fn platform(s: &str) -> crate::platform::Platform {
+    s.parse().unwrap()
+}
+
+/// A stage output with every kind of field filled.
+pub(crate) fn sample_output() -> crate::job::StageOutput {
+    use crate::oci::{EmptyObject, HealthConfig, History, ImageConfig};
+    use crate::store::BlobMeta;
+    let mut config = ImageConfig::empty(&platform("linux/arm64"));
+    config.config.cmd = Some(vec!["/bin/sh".into(), "-c".into(), "make".into()]);
+    config.config.exposed_ports = Some([("80/tcp".to_string(), EmptyObject)].into());
+    config.config.labels = Some([("team".to_string(), "build".to_string())].into());
+    config.config.healthcheck = Some(HealthConfig {
+        test: vec!["CMD".into(), "true".into()],
+        interval: 5_000_000_000,
+        ..Default::default()
+    });
+    config
+        .rootfs
+        .diff_ids
+        .push(format!("sha256:{}", "d".repeat(64)));
+    config.history.push(History {
+        created_by: "RUN make # buildkit".into(),
+        comment: "buildkit.dockerfile.v0".into(),
+        ..Default::default()
+    });
+    crate::job::StageOutput {
+        config,
+        layers: vec![BlobMeta {
+            version: 1,
+            blake3: "b".repeat(64),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            media_type: crate::oci::MEDIA_OCI_LAYER_GZIP.into(),
+            size: 1234,
+            diff_id: Some(format!("sha256:{}", "d".repeat(64))),
+        }],
+        key: "c".repeat(64),
+        env: vec![("PATH".into(), "/bin".into())],
+        declared: vec![
+            ("VERSION".into(), Some("1.2".into())),
+            ("EMPTY".into(), None),
+        ],
+    }
+}
+
+/// A stage job with every kind of field filled.
+pub(crate) fn sample_job() -> crate::job::StageJob {
+    crate::job::StageJob {
+        id: 5,
+        dockerfile: "FROM busybox AS base\nFROM base\nRUN make\n".into(),
+        options: crate::dockerfile::stages::BuildOptions {
+            build_args: [("VERSION".to_string(), "1.2".to_string())].into(),
+            target: Some("base".into()),
+        },
+        build_platform: platform("linux/amd64"),
+        target_platform: platform("linux/arm/v7"),
+        stage: 1,
+        inputs: [(0, sample_output())].into(),
+        context: crate::job::JobContext::Store("e".repeat(64)),
+        show_platform: true,
+        no_cache: false,
+        secrets: Default::default(),
+        allow_host_network: false,
+        compression: crate::job::Compression::Zstd,
+    }
+}
+
+/// A build request with every kind of field filled.
+pub(crate) fn sample_request() -> crate::job::BuildRequest {
+    crate::job::BuildRequest {
+        dockerfile: "FROM busybox\nRUN true\n".into(),
+        context_id: "e".repeat(64),
+        options: Default::default(),
+        platforms: vec![platform("linux/amd64"), platform("linux/arm64")],
+        no_cache: true,
+        allow_host_network: false,
+        compression: crate::job::Compression::Gzip,
+        emulation: crate::platform::Emulation::Deny,
+        tenant: "team-a".into(),
+    }
+}
+
+fn events() -> Vec<crate::progress::Event> {
+    use crate::progress::Event;
+    vec![
+        Event::Started {
+            job: 1,
+            label: "linux/arm64 build".into(),
+            n: 2,
+            m: 3,
+            text: "RUN make".into(),
+        },
+        Event::Output {
+            job: 1,
+            n: 2,
+            data: "hello\n".into(),
+        },
+        Event::Cached { job: 1, n: 1 },
+        Event::Done {
+            job: 1,
+            n: 2,
+            elapsed: std::time::Duration::from_millis(1250),
+        },
+        Event::Failed {
+            job: 1,
+            n: 3,
+            message: STEP_FAILED.into(),
+        },
+        Event::Note {
+            text: "exported".into(),
+        },
     ]
 }
 
@@ -212,16 +319,18 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             worker: "w1".into(),
             running: vec![1, 5, 9],
         }),
-        WorkerMsg::Progress(JobProgress {
-            job_id: 5,
-            event_json: br#"{"kind":"log","line":"hello"}"#.to_vec(),
-        }),
         WorkerMsg::Ack(JobAck {
             accepted: false,
             reason: "no capacity".into(),
         }),
     ];
-    for outcome in outcomes() {
+    for event in events() {
+        workers.push(WorkerMsg::Progress(JobProgress { job_id: 5, event }));
+    }
+    for outcome in [
+        JobOutcome::Built(sample_output()),
+        JobOutcome::Failed(STEP_FAILED.into()),
+    ] {
         workers.push(WorkerMsg::Result(JobResult {
             job_id: 5,
             epoch: 2,
@@ -238,7 +347,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             epoch: 2,
             term: 3,
             deadline_ms: 1_700_000_000_000,
-            job_json: br#"{"id":5}"#.to_vec(),
+            job: sample_job(),
         }),
         CoordinatorToWorker::Cancel(CancelJob {
             job_id: 5,
@@ -266,7 +375,7 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
     }
     let clients = [
         ClientMsg::Submit(SubmitBuild {
-            request_json: br#"{"dockerfile":"FROM busybox"}"#.to_vec(),
+            request: sample_request(),
         }),
         ClientMsg::Watch(WatchBuild {
             build_id: 42,
@@ -290,10 +399,6 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             voters: vec![1, 3, 4],
             learners: Vec::new(),
             message: "coordinator 2 removed".into(),
-        }),
-        CoordinatorToClient::Event(BuildEvent {
-            seq: 17,
-            event_json: br#"{"step":"[build 1/3] FROM busybox"}"#.to_vec(),
         }),
         CoordinatorToClient::Status(StatusReply {
             nodes: vec![NodeStatus {
@@ -341,7 +446,20 @@ async fn every_message_kind_round_trips_over_mutual_tls() {
             message: "no such target stage: prod".into(),
         }),
     ];
-    for result in outcomes() {
+    for (seq, event) in events().into_iter().enumerate() {
+        to_clients.push(CoordinatorToClient::Event(BuildEvent {
+            seq: seq as u64,
+            event,
+        }));
+    }
+    let image = crate::job::TargetImage {
+        platform: platform("linux/arm64"),
+        output: sample_output(),
+    };
+    for result in [
+        BuildOutcome::Built(vec![image]),
+        BuildOutcome::Failed(STEP_FAILED.into()),
+    ] {
         to_clients.push(CoordinatorToClient::Done(BuildDone {
             build_id: 42,
             result,
@@ -378,12 +496,12 @@ async fn serve_clients(conn: quinn::Connection) -> Result<(), WireError> {
             let request: ClientMsg = read_frame(&mut recv).await?;
             match request {
                 ClientMsg::Submit(submit) => {
-                    let answer = if submit.request_json.starts_with(b"{") {
+                    let answer = if !submit.request.dockerfile.is_empty() {
                         CoordinatorToClient::Accepted(BuildAccepted { build_id: 42 })
                     } else {
                         CoordinatorToClient::Error(ErrorReply {
                             code: ErrorCode::BadRequest,
-                            message: "request is not JSON".into(),
+                            message: "no Dockerfile".into(),
                         })
                     };
                     write_frame(&mut send, &answer).await?;
@@ -392,13 +510,15 @@ async fn serve_clients(conn: quinn::Connection) -> Result<(), WireError> {
                     for seq in watch.from_event..5 {
                         let event = CoordinatorToClient::Event(BuildEvent {
                             seq,
-                            event_json: format!(r#"{{"seq":{seq}}}"#).into_bytes(),
+                            event: crate::progress::Event::Note {
+                                text: format!("event {seq}"),
+                            },
                         });
                         write_frame(&mut send, &event).await?;
                     }
                     let done = CoordinatorToClient::Done(BuildDone {
                         build_id: watch.build_id,
-                        result: Outcome::Ok(b"{}".to_vec()),
+                        result: BuildOutcome::Built(Vec::new()),
                     });
                     write_frame(&mut send, &done).await?;
                 }
@@ -448,7 +568,7 @@ async fn serve_pattern_answers_requests_and_streams_events() {
     assert_eq!(send_hello(&conn, &hello).await.unwrap(), welcome());
 
     let submit = ClientMsg::Submit(SubmitBuild {
-        request_json: b"{}".to_vec(),
+        request: sample_request(),
     });
     let answer: CoordinatorToClient = request(&conn, &submit).await.unwrap();
     assert_eq!(
@@ -456,7 +576,10 @@ async fn serve_pattern_answers_requests_and_streams_events() {
         CoordinatorToClient::Accepted(BuildAccepted { build_id: 42 })
     );
     let bad = ClientMsg::Submit(SubmitBuild {
-        request_json: b"FROM".to_vec(),
+        request: crate::job::BuildRequest {
+            dockerfile: String::new(),
+            ..sample_request()
+        },
     });
     let answer: CoordinatorToClient = request(&conn, &bad).await.unwrap();
     assert!(
@@ -497,7 +620,7 @@ async fn serve_pattern_answers_requests_and_streams_events() {
         }
     }
     assert_eq!(seqs, [2, 3, 4]);
-    assert_eq!(done.unwrap().result, Outcome::Ok(b"{}".to_vec()));
+    assert_eq!(done.unwrap().result, BuildOutcome::Built(Vec::new()));
 
     conn.close(0u32.into(), b"bye");
     // The server's accept loop ends normally when the client closes.
@@ -737,7 +860,7 @@ async fn worker_certificate_is_seen_as_worker_and_can_be_offered_jobs() {
             panic!("expected an offer, got {offer:?}");
         };
         let ack = WorkerMsg::Ack(JobAck {
-            accepted: offer.job_json == b"{}",
+            accepted: offer.job == sample_job(),
             reason: String::new(),
         });
         write_frame(&mut send, &ack).await.unwrap();
@@ -749,7 +872,7 @@ async fn worker_certificate_is_seen_as_worker_and_can_be_offered_jobs() {
         epoch: 1,
         term: 1,
         deadline_ms: 0,
-        job_json: b"{}".to_vec(),
+        job: sample_job(),
     });
     let ack: WorkerMsg = request(&coord_conn, &offer).await.unwrap();
     assert_eq!(
