@@ -1,5 +1,5 @@
-//! `strata build`: with no cluster configured, an embedded coordinator drives the local build
-//! engine in this process, then exports the image.
+//! `strata build`: on a cluster, or with none configured on the embedded cluster in this
+//! process (see [`crate::embedded`]); then the image is exported.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use strata_coordinator::build::{self as driver, BuildRequest, Runner};
 use strata_coordinator::export;
-use strata_coordinator::placement::WorkerInfo;
+use strata_coordinator::placement::{WorkerInfo, place_plan};
+use strata_shared::dag;
+use strata_shared::dockerfile::Dockerfile;
 use strata_shared::dockerfile::stages::BuildOptions;
-use strata_shared::job::{BuildError, Compression, StageJob, StageOutput};
+use strata_shared::job::{BuildRequest, Compression, JobContext, StageOutput};
 use strata_shared::platform::Platform;
 use strata_shared::progress::{Event, Progress};
 use strata_shared::reference::ImageRef;
@@ -239,17 +240,6 @@ pub fn local_worker() -> WorkerInfo {
     }
 }
 
-/// The embedded worker: this process's build engine.
-struct LocalWorker {
-    engine: Engine,
-}
-
-impl Runner for LocalWorker {
-    async fn run(&self, job: StageJob, progress: Progress) -> Result<StageOutput, BuildError> {
-        self.engine.run_stage(&job, &progress).await
-    }
-}
-
 pub fn run(args: BuildArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -290,7 +280,7 @@ async fn build(args: BuildArgs) -> Result<()> {
     if !args.coordinator.is_empty() {
         return build_remote(
             args,
-            dockerfile,
+            (short_name, dockerfile),
             context,
             tags,
             outputs,
@@ -311,45 +301,47 @@ async fn build(args: BuildArgs) -> Result<()> {
     let engine = Engine::open_with(&state.join("worker"), store.clone(), snapshots)
         .map_err(|e| anyhow!("{e}"))?;
 
-    let req = BuildRequest {
-        dockerfile: dockerfile.clone(),
-        context,
+    let context = context
+        .to_str()
+        .ok_or_else(|| anyhow!("build context {}: the path is not UTF-8", context.display()))?
+        .to_string();
+    let request = BuildRequest {
+        dockerfile,
+        dockerfile_name: short_name,
+        context: JobContext::Local(context),
+        secrets: secrets
+            .into_iter()
+            .map(|(id, path)| (id, path.to_string_lossy().into_owned()))
+            .collect(),
         options: BuildOptions {
             build_args: parse_build_args(&args.dockerfile.build_args)?,
             target: args.dockerfile.target.clone(),
         },
         platforms: parse_platforms(&args.dockerfile.platforms)?,
-        build_platform: Platform::host(),
         no_cache: args.no_cache,
-        secrets,
         allow_host_network,
         compression,
-        workers: vec![local_worker()],
         emulation: args
             .dockerfile
             .emulation
             .parse()
             .map_err(|e: String| anyhow!("--emulation: {e}"))?,
-    };
-    let render = |e: BuildError| match e {
-        BuildError::Dockerfile(f) => anyhow!("{}", f.render(&short_name, &dockerfile)),
-        other => anyhow!("{other}"),
+        tenant: args.tenant.clone(),
     };
     // Check the plan before anything runs, so a Dockerfile error is reported at once.
-    driver::plan(&req).map_err(render)?;
+    check_plan(&request)?;
 
     let (progress, rx) = Progress::channel();
     let printer = tokio::spawn(progress::print(args.progress, rx));
     let work = async {
-        let worker = Arc::new(LocalWorker { engine });
-        let built = driver::run(&req, worker, &progress).await.map_err(render)?;
+        let images = crate::embedded::build(&state, engine, request, &progress).await?;
         if outputs.is_empty() {
             progress.send(Event::Note {
                 text: "no --output given: the result stays in the build cache".into(),
             });
             return Ok(());
         }
-        export_all(&store, &built.images, &outputs, &tags, &scratch, &progress).await
+        export_all(&store, &images, &outputs, &tags, &scratch, &progress).await
     };
     // Interrupted, the build stops: its running steps' containers are killed and their
     // snapshots released before the process exits.
@@ -364,12 +356,43 @@ async fn build(args: BuildArgs) -> Result<()> {
     result
 }
 
+/// Plans `request` for this machine's worker, so that a Dockerfile error, an unknown target or
+/// a platform this machine cannot build is reported before anything runs.
+fn check_plan(request: &BuildRequest) -> Result<()> {
+    let render = |e: strata_shared::dockerfile::FrontendError| {
+        anyhow!(
+            "{}",
+            e.render(&request.dockerfile_name, &request.dockerfile)
+        )
+    };
+    let df = Dockerfile::parse(&request.dockerfile).map_err(render)?;
+    let worker = local_worker();
+    let build_platform = worker
+        .capabilities
+        .native
+        .first()
+        .map_or_else(Platform::host, Platform::as_build_platform);
+    let mut plan =
+        dag::plan(&df, &request.options, &build_platform, &request.platforms).map_err(render)?;
+    place_plan(&mut plan, &[worker], request.emulation).map_err(|e| {
+        // Name a stage of the platform that cannot be placed, with its FROM line.
+        let stage = plan.instances.iter().find(|i| i.platform == e.platform);
+        match stage.and_then(|i| df.parsed.stages.get(i.index)) {
+            Some(st) => render(strata_shared::dockerfile::FrontendError::at(
+                st.range, e.message,
+            )),
+            None => anyhow!("{}", e.message),
+        }
+    })?;
+    Ok(())
+}
+
 /// `strata build --coordinator ...`: the build runs on the cluster; the outputs are written
 /// here from the cluster's store.
 #[allow(clippy::too_many_arguments)]
 async fn build_remote(
     args: BuildArgs,
-    dockerfile: String,
+    (dockerfile_name, dockerfile): (String, String),
     context: PathBuf,
     tags: Vec<ImageRef>,
     outputs: Vec<Output>,
@@ -396,9 +419,11 @@ async fn build_remote(
     };
     let store = BlobStore::local(&store_dir).context("opening the cluster's blob store")?;
     let scratch = state.join("tmp");
-    let request = strata_shared::job::BuildRequest {
+    let request = BuildRequest {
+        dockerfile_name,
         dockerfile,
-        context_id: String::new(),
+        context: JobContext::None,
+        secrets: BTreeMap::new(),
         options: BuildOptions {
             build_args: parse_build_args(&args.dockerfile.build_args)?,
             target: args.dockerfile.target.clone(),

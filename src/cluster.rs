@@ -506,7 +506,7 @@ pub async fn build_on_cluster(
             started.elapsed().as_secs_f64()
         ),
     });
-    request.context_id = up.id;
+    request.context = strata_shared::job::JobContext::Store(up.id);
 
     // Submit to the leader; a cluster without one is waited for a while, then reported.
     let msg = ClientMsg::Submit(SubmitBuild { request });

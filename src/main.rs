@@ -5,6 +5,7 @@
 
 mod build;
 mod cluster;
+mod embedded;
 mod local;
 mod plan;
 mod progress;

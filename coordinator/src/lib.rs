@@ -1,10 +1,11 @@
 //! `strata-coordinator`: the coordinator of a strata cluster.
 //!
 //! It takes build requests, turns each Dockerfile into stage jobs with the frontend in
-//! `strata-shared`, drives the jobs on workers ([`build`]), and assembles and exports the final
-//! images ([`export`]).
+//! `strata-shared`, commits them through Raft ([`raft`], [`state`]), leases them to workers
+//! ([`scheduler`], [`placement`], [`server`]), and assembles and exports the final images
+//! ([`export`]). A build with no cluster configured runs on the same path in one process
+//! ([`server::LocalCluster`]).
 
-pub mod build;
 pub mod config;
 pub mod export;
 pub mod init;

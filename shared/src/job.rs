@@ -32,8 +32,14 @@ use crate::store::{BlobMeta, StoreError};
 pub struct BuildRequest {
     /// The Dockerfile's text.
     pub dockerfile: String,
-    /// The build context: the key of its manifest in the cluster's store (empty: none).
-    pub context_id: String,
+    /// The Dockerfile's file name, as errors name it (`Dockerfile.dev:3: ...`).
+    pub dockerfile_name: String,
+    /// The build context: its manifest in the cluster's store (a remote client), or its
+    /// directory (the embedded client, in the coordinator's own process).
+    pub context: JobContext,
+    /// `--secret`: secret id to the file holding it. Only the embedded client, whose worker
+    /// is on the same machine, may send secrets.
+    pub secrets: BTreeMap<String, String>,
     pub options: BuildOptions,
     /// Target platforms, at least one.
     pub platforms: Vec<Platform>,
@@ -53,9 +59,10 @@ pub const MAX_PLATFORMS: usize = 32;
 
 impl BuildRequest {
     /// Checks what a coordinator relies on before it plans the request: a Dockerfile of a
-    /// sane size, platforms in their normal form, a context key that is a blake3 key, and
-    /// names that fit in logs and labels.
-    pub fn validate(&self) -> Result<(), String> {
+    /// sane size, platforms in their normal form, a context in the store named by a blake3
+    /// key, and names that fit in logs and labels. A request from another machine
+    /// (`in_process` false) may not name a directory or carry secrets.
+    pub fn validate(&self, in_process: bool) -> Result<(), String> {
         if self.dockerfile.trim().is_empty() {
             return Err("the Dockerfile is empty".into());
         }
@@ -74,12 +81,27 @@ impl BuildRequest {
         for p in &self.platforms {
             check_platform(p)?;
         }
-        if !self.context_id.is_empty() && !is_blake3_hex(&self.context_id) {
-            return Err(format!(
-                "context {:?} is not a blake3 key (64 lower-case hex digits)",
-                self.context_id
-            ));
+        match &self.context {
+            JobContext::None => {}
+            JobContext::Store(id) if is_blake3_hex(id) => {}
+            JobContext::Store(id) => {
+                return Err(format!(
+                    "context {id:?} is not a blake3 key (64 lower-case hex digits)"
+                ));
+            }
+            JobContext::Local(_) if in_process => {}
+            JobContext::Local(dir) => {
+                return Err(format!(
+                    "a client may not name a directory of the cluster's machines ({dir}): upload the context"
+                ));
+            }
         }
+        if !self.secrets.is_empty() && !in_process {
+            return Err(
+                "secrets stay on the client's machine: a cluster build cannot use --secret".into(),
+            );
+        }
+        check_file_name(&self.dockerfile_name)?;
         check_name("tenant", &self.tenant)?;
         if let Some((k, _)) = self.options.build_args.iter().find(|(k, _)| k.is_empty()) {
             return Err(format!("a build argument has an empty name ({k:?})"));
@@ -94,6 +116,13 @@ pub fn check_platform(p: &Platform) -> Result<(), String> {
         Ok(q) if &q == p => Ok(()),
         _ => Err(format!("platform {p} is not in its normal form")),
     }
+}
+
+fn check_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(format!("Dockerfile name {name:?} is not a file name"));
+    }
+    Ok(())
 }
 
 fn is_blake3_hex(s: &str) -> bool {
@@ -197,6 +226,8 @@ pub struct StageJob {
     pub id: usize,
     /// The Dockerfile's text.
     pub dockerfile: String,
+    /// The Dockerfile's file name, as errors name it.
+    pub dockerfile_name: String,
     pub options: BuildOptions,
     pub build_platform: Platform,
     /// The platform the build targets (the value of `TARGETPLATFORM`).
@@ -243,7 +274,7 @@ impl StageJob {
         if self.dockerfile.len() > MAX_DOCKERFILE_BYTES {
             return Err("the job's Dockerfile is too large".into());
         }
-        Ok(())
+        check_file_name(&self.dockerfile_name)
     }
 
     /// The directory holding the job's build context, once it is on this machine.

@@ -55,6 +55,20 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// The platform a machine of this platform presents as the build platform
+    /// (`BUILDPLATFORM`), as BuildKit does: an `amd64` microarchitecture level (`v2` to `v4`)
+    /// is what the machine can run, not what it is called, so it is dropped; an `arm` variant
+    /// stays.
+    pub fn as_build_platform(&self) -> Platform {
+        let mut p = self.clone();
+        if p.architecture == "amd64" {
+            p.variant.clear();
+        }
+        p
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;
@@ -335,6 +349,14 @@ fn normalize_arch(arch: &str, variant: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_build_platform_drops_amd64_levels_but_not_arm_variants() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        assert_eq!(p("linux/amd64/v4").as_build_platform(), p("linux/amd64"));
+        assert_eq!(p("linux/arm/v7").as_build_platform(), p("linux/arm/v7"));
+        assert_eq!(p("linux/arm64").as_build_platform(), p("linux/arm64"));
+    }
 
     #[test]
     fn variants_match_as_containerd_does() {

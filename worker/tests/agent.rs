@@ -391,6 +391,7 @@ impl Setup {
         StageJob {
             id: 0,
             dockerfile: "FROM scratch\nCOPY hello.txt /hello.txt\n".into(),
+            dockerfile_name: "Dockerfile".into(),
             options: BuildOptions::default(),
             build_platform: host.clone(),
             target_platform: host,
@@ -413,6 +414,7 @@ fn hanging_job(registry: SocketAddr) -> StageJob {
     StageJob {
         id: 0,
         dockerfile: format!("FROM {registry}/hang:1\nRUN true\n"),
+        dockerfile_name: "Dockerfile".into(),
         options: BuildOptions::default(),
         build_platform: host.clone(),
         target_platform: host,

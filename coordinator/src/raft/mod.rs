@@ -25,6 +25,7 @@
 
 mod logger;
 pub mod node;
+#[cfg(any(test, feature = "simulation"))]
 pub mod sim;
 pub mod storage;
 
@@ -100,6 +101,10 @@ pub struct RaftConfig {
     /// a test) can open it read-only while the node runs. Costs a second fsync per commit
     /// (redb always uses two-phase commit in that mode). Default false.
     pub shared_readers: bool,
+    /// Keeps the log, hard state and snapshots in memory instead of a file: for a single-node
+    /// group whose life is one process (the embedded cluster of `strata build`), which has
+    /// nothing to recover after a restart. Never for a real cluster. Default false.
+    pub in_memory: bool,
 }
 
 impl Default for RaftConfig {
@@ -116,6 +121,7 @@ impl Default for RaftConfig {
             pre_vote: true,
             check_quorum: true,
             shared_readers: false,
+            in_memory: false,
         }
     }
 }

@@ -174,6 +174,7 @@ impl<S: StateMachine> RaftNode<S> {
         config.validate(id)?;
         let options = StoreOptions {
             shared_readers: config.shared_readers,
+            in_memory: config.in_memory,
         };
         let (mut store, info) = RedbStorage::open(dir, id, options)?;
         if store.is_empty() && !bootstrap_voters.is_empty() {

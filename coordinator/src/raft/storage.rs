@@ -108,6 +108,8 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Open in redb's `SingleWriter` mode: other handles may read the file while it is open.
     pub shared_readers: bool,
+    /// Keep everything in memory (nothing is written under `dir`).
+    pub in_memory: bool,
 }
 
 /// What [`RedbStorage::open`] found.
@@ -146,15 +148,22 @@ impl RedbStorage {
         options: StoreOptions,
     ) -> Result<(RedbStorage, OpenInfo), StoreError> {
         let path = dir.join(DB_FILE);
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        if !options.in_memory {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
         let mut builder = Builder::new();
         if options.shared_readers {
             builder.set_concurrency_mode(ConcurrencyMode::SingleWriter);
         }
-        let db = builder.create(&path).map_err(|e| StoreError::Db {
+        let db = if options.in_memory {
+            builder.create_with_backend(redb::backends::InMemoryBackend::new())
+        } else {
+            builder.create(&path)
+        };
+        let db = db.map_err(|e| StoreError::Db {
             path: path.clone(),
             source: e.into(),
         })?;

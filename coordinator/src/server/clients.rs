@@ -19,27 +19,63 @@ use super::{ProposeError, Shared, membership, now_ms};
 use crate::placement::{WorkerInfo, place_plan};
 use crate::state;
 
+/// Who sent a client request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// A client on another connection, authenticated so.
+    Remote(wire::AuthMethod),
+    /// The embedded client, in this process (it may name local directories and secrets).
+    InProcess,
+}
+
+/// Where the answers to one client request go: a QUIC stream, or a channel in this process.
+pub(super) trait ClientSink {
+    /// Sends one answer; false when the client is gone.
+    async fn send(&mut self, msg: CoordinatorToClient) -> bool;
+}
+
+impl ClientSink for quinn::SendStream {
+    async fn send(&mut self, msg: CoordinatorToClient) -> bool {
+        wire::write_frame(self, &msg).await.is_ok()
+    }
+}
+
+impl ClientSink for tokio::sync::mpsc::Sender<CoordinatorToClient> {
+    async fn send(&mut self, msg: CoordinatorToClient) -> bool {
+        tokio::sync::mpsc::Sender::send(self, msg).await.is_ok()
+    }
+}
+
+/// One request on a client's QUIC stream.
 pub(super) async fn client_request(
     shared: Arc<Shared>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     auth: wire::AuthMethod,
 ) {
-    let msg = match wire::read_frame::<ClientMsg>(&mut recv).await {
-        Ok(m) => m,
+    match wire::read_frame::<ClientMsg>(&mut recv).await {
+        Ok(msg) => answer(&shared, msg, Origin::Remote(auth), &mut send).await,
         Err(e) => {
             let reply = CoordinatorToClient::Error(ErrorReply {
                 code: ErrorCode::BadRequest,
                 message: e.to_string(),
             });
             let _ = wire::write_frame(&mut send, &reply).await;
-            let _ = send.finish();
-            return;
         }
-    };
+    }
+    let _ = send.finish();
+}
+
+/// Answers one client request, whichever way it came.
+pub(super) async fn answer(
+    shared: &Shared,
+    msg: ClientMsg,
+    origin: Origin,
+    sink: &mut impl ClientSink,
+) {
     let reply = match msg {
-        ClientMsg::Status(_) => CoordinatorToClient::Status(status(&shared).await),
-        ClientMsg::Submit(s) => submit_build(&shared, s.request).await,
+        ClientMsg::Status(_) => CoordinatorToClient::Status(status(shared).await),
+        ClientMsg::Submit(s) => submit_build(shared, s.request, origin).await,
         ClientMsg::Cancel(c) => {
             if !shared.is_leader() {
                 CoordinatorToClient::NotLeader(shared.not_leader())
@@ -51,9 +87,12 @@ pub(super) async fn client_request(
                 };
                 match shared.submit(&cmd).await {
                     Ok(resp) => match resp.rejection() {
-                        None => CoordinatorToClient::Accepted(wire::BuildAccepted {
-                            build_id: c.build_id,
-                        }),
+                        None => {
+                            shared.changed();
+                            CoordinatorToClient::Accepted(wire::BuildAccepted {
+                                build_id: c.build_id,
+                            })
+                        }
                         Some(reason) => CoordinatorToClient::Error(ErrorReply {
                             code: match reason {
                                 state::Rejection::UnknownBuild { .. } => ErrorCode::NotFound,
@@ -62,11 +101,11 @@ pub(super) async fn client_request(
                             message: reason.to_string(),
                         }),
                     },
-                    Err(e) => propose_error(&shared, e),
+                    Err(e) => propose_error(shared, e),
                 }
             }
         }
-        ClientMsg::Membership(_) if auth != wire::AuthMethod::Certificate => {
+        ClientMsg::Membership(_) if origin != Origin::Remote(wire::AuthMethod::Certificate) => {
             CoordinatorToClient::Error(ErrorReply {
                 code: ErrorCode::Forbidden,
                 message: "membership changes need a client certificate of the cluster CA; a token \
@@ -74,16 +113,13 @@ pub(super) async fn client_request(
                     .into(),
             })
         }
-        ClientMsg::Membership(change) => membership::change(&shared, change).await,
+        ClientMsg::Membership(change) => membership::change(shared, change).await,
         ClientMsg::Watch(w) => {
-            watch_build(&shared, &mut send, w.build_id, w.from_event).await;
-            let _ = send.finish();
+            watch_build(shared, sink, w.build_id, w.from_event).await;
             return;
         }
     };
-    if wire::write_frame(&mut send, &reply).await.is_ok() {
-        let _ = send.finish();
-    }
+    sink.send(reply).await;
 }
 
 pub(super) fn propose_error(shared: &Shared, e: ProposeError) -> CoordinatorToClient {
@@ -105,17 +141,17 @@ pub(super) fn bad_request(message: String) -> CoordinatorToClient {
 }
 
 /// Plans a submitted build and commits it with its jobs.
-async fn submit_build(shared: &Shared, req: BuildRequest) -> CoordinatorToClient {
+async fn submit_build(shared: &Shared, req: BuildRequest, origin: Origin) -> CoordinatorToClient {
     if !shared.is_leader() {
         return CoordinatorToClient::NotLeader(shared.not_leader());
     }
-    if let Err(e) = req.validate() {
+    if let Err(e) = req.validate(origin == Origin::InProcess) {
         return bad_request(format!("build request: {e}"));
     }
     let emulation = req.emulation;
     let df = match Dockerfile::parse(&req.dockerfile) {
         Ok(df) => df,
-        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
+        Err(e) => return bad_request(e.render(&req.dockerfile_name, &req.dockerfile)),
     };
     // Strict placement against the workers the cluster knows, before anything is committed.
     let workers = shared
@@ -135,7 +171,7 @@ async fn submit_build(shared: &Shared, req: BuildRequest) -> CoordinatorToClient
     let build_platform = build_platform(&workers);
     let plan = match dag::plan(&df, &req.options, &build_platform, &req.platforms) {
         Ok(p) => p,
-        Err(e) => return bad_request(e.render("Dockerfile", &req.dockerfile)),
+        Err(e) => return bad_request(e.render(&req.dockerfile_name, &req.dockerfile)),
     };
     let mut placed = plan.clone();
     if let Err(e) = place_plan(&mut placed, &workers, emulation) {
@@ -155,9 +191,9 @@ async fn submit_build(shared: &Shared, req: BuildRequest) -> CoordinatorToClient
         Ok(state::Response::Submitted { build, .. }) => {
             tracing::info!(build = %build, stages = plan.instances.len(), "build accepted");
             if let Some(text) = df.frontend_note() {
-                let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-                events.push(build.0, Event::Note { text });
+                shared.record_event(build.0, Event::Note { text });
             }
+            shared.changed();
             CoordinatorToClient::Accepted(wire::BuildAccepted { build_id: build.0 })
         }
         Ok(state::Response::Rejected { reason }) => bad_request(reason.to_string()),
@@ -178,26 +214,19 @@ fn build_platform(workers: &[WorkerInfo]) -> Platform {
         }
     }
     let best = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
-    counts
-        .into_iter()
-        .find(|(_, n)| *n == best)
-        .map_or_else(|| Platform::new("linux", "amd64", ""), |(p, _)| p.clone())
+    counts.into_iter().find(|(_, n)| *n == best).map_or_else(
+        || Platform::new("linux", "amd64", ""),
+        |(p, _)| p.as_build_platform(),
+    )
 }
 
 /// Streams a build's progress events from `from`, then its end.
-async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, mut from: u64) {
+async fn watch_build(shared: &Shared, sink: &mut impl ClientSink, build: u64, mut from: u64) {
+    let mut progressed = shared.progressed.subscribe();
     loop {
-        let fresh: Vec<(u64, Event)> = {
-            let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-            events.since(build, from)
-        };
-        for (seq, event) in fresh {
-            let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event });
-            if wire::write_frame(send, &ev).await.is_err() {
-                return;
-            }
-            from = seq + 1;
-        }
+        progressed.mark_unchanged();
+        // Whether it ended first, then its events: every event recorded before the end (a
+        // worker sends its progress before its result) is sent before the end.
         let id = state::BuildId(build);
         let finished = shared
             .node
@@ -219,6 +248,17 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
                 })
             })
             .await;
+        let fresh: Vec<(u64, Event)> = {
+            let events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.since(build, from)
+        };
+        for (seq, event) in fresh {
+            let ev = CoordinatorToClient::Event(wire::BuildEvent { seq, event });
+            if !sink.send(ev).await {
+                return;
+            }
+            from = seq + 1;
+        }
         match finished {
             Some(Some(Some(result))) => {
                 let done = CoordinatorToClient::Done(wire::BuildDone {
@@ -228,7 +268,7 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
                         Err(e) => BuildOutcome::Failed(e),
                     },
                 });
-                let _ = wire::write_frame(send, &done).await;
+                sink.send(done).await;
                 return;
             }
             Some(None) => {
@@ -239,10 +279,15 @@ async fn watch_build(shared: &Shared, send: &mut quinn::SendStream, build: u64, 
                         shared.config.scheduler.retain_finished_ms / 1000
                     ),
                 });
-                let _ = wire::write_frame(send, &gone).await;
+                sink.send(gone).await;
                 return;
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            // Woken by new progress or a state change; the timeout covers what changes
+            // without either (a build the leader's loop fails).
+            _ => {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(250), progressed.changed()).await;
+            }
         }
     }
 }

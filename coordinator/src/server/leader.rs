@@ -8,9 +8,10 @@ use super::workers::{cancel, offer};
 use super::{Shared, now_ms};
 use crate::state;
 
-/// The leader's duties, every few hundred milliseconds: renew the leases of workers that
-/// heartbeat, expire the others' (after a grace period when leadership is new), lease ready
-/// jobs to workers and send them the offers.
+/// The leader's duties, every few hundred milliseconds and whenever something it acts on
+/// happens (a build submitted, a job done, a worker registered): renew the leases of workers
+/// that heartbeat, expire the others' (after a grace period when leadership is new), lease
+/// ready jobs to workers and send them the offers.
 pub(super) async fn leader_loop(shared: Arc<Shared>) {
     let lease_ms = shared.config.scheduler.lease_ms;
     let mut leading_since: Option<(u64, Instant)> = None;
@@ -19,7 +20,10 @@ pub(super) async fn leader_loop(shared: Arc<Shared>) {
     let mut cancelling: HashMap<(String, u64), Instant> = HashMap::new();
     let mut rounds = 0u64;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.wake.notified() => {}
+        }
         rounds += 1;
         // Every few seconds, leader or not: progress kept for builds no longer known goes.
         if rounds.is_multiple_of(25) {

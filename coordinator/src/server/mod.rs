@@ -10,14 +10,17 @@
 
 mod clients;
 mod leader;
+mod local;
 mod membership;
 mod node_task;
 mod progress_log;
 mod workers;
 
+pub use local::{LocalCluster, WorkerCall};
 pub use node_task::{NodeHandle, NodeView};
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -68,6 +71,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Raft(#[from] raft::RaftError),
+    #[error("{0}")]
+    Start(String),
 }
 
 /// Why a proposal did not go through.
@@ -89,8 +94,24 @@ fn read(path: &Path) -> Result<String, ServerError> {
     })
 }
 
-/// Runs a coordinator until the process is stopped.
+/// Runs a coordinator until the process is asked to stop (SIGINT or SIGTERM).
 pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
+    let ca_pem = read(&config.tls.ca)?;
+    let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
+    let endpoint = tls::server_endpoint(
+        config.listen,
+        tls::server_config(&ca_pem, &identity, false)?,
+    )?;
+    run(config, endpoint, strata_shared::signal::stop_requested()).await
+}
+
+/// Runs a coordinator on `endpoint` (a QUIC server endpoint with this node's certificate, on
+/// any address: tests bind port 0) until `shutdown` resolves, naming why.
+pub async fn run(
+    config: CoordinatorConfig,
+    endpoint: quinn::Endpoint,
+    shutdown: impl Future<Output = &'static str>,
+) -> Result<(), ServerError> {
     let ca_pem = read(&config.tls.ca)?;
     let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
     let tokens = match &config.tls.client_tokens {
@@ -100,10 +121,6 @@ pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
         }
         None => ClientTokens::none(),
     };
-    let endpoint = tls::server_endpoint(
-        config.listen,
-        tls::server_config(&ca_pem, &identity, false)?,
-    )?;
     let local: SocketAddr = SocketAddr::new(config.listen.ip(), 0);
     let dialer = tls::client_endpoint(local, tls::client_config(&ca_pem, Some(&identity))?)?;
 
@@ -126,19 +143,10 @@ pub async fn serve(config: CoordinatorConfig) -> Result<(), ServerError> {
         ClusterState::default(),
         raft_config,
     )?;
-    let handle = node_task::start_node(node, &config, dialer);
-    tracing::info!(node = config.node_id, name = %config.name, listen = %config.listen, "coordinator listening");
-
-    let shared = Arc::new(Shared {
-        node: handle,
-        config,
-        tokens,
-        workers: Mutex::new(HashMap::new()),
-        events: Mutex::new(progress_log::ProgressLog::default()),
-    });
-    tokio::spawn(leader::leader_loop(shared.clone()));
+    tracing::info!(node = config.node_id, name = %config.name, listen = ?endpoint.local_addr().ok(), "coordinator listening");
+    let shared = Shared::start(node, config, tokens, Some(dialer));
     let mut view = shared.node.watch();
-    let stop = strata_shared::signal::stop_requested();
+    let stop = shutdown;
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -210,16 +218,95 @@ struct Shared {
     workers: Mutex<HashMap<String, WorkerLink>>,
     /// Progress events of the builds this node led, by build: what `WatchBuild` streams.
     events: Mutex<progress_log::ProgressLog>,
+    /// Wakes the leader's loop before its next tick: a build was submitted, a job finished or
+    /// failed, a worker registered.
+    wake: tokio::sync::Notify,
+    /// Wakes the watchers of builds: progress arrived or a build may have ended.
+    progressed: tokio::sync::watch::Sender<u64>,
 }
 
-/// A worker's live connection to this coordinator.
+/// A worker's live link to this coordinator.
 struct WorkerLink {
-    conn: quinn::Connection,
+    channel: WorkerChannel,
     last_seen: Instant,
     running: Vec<u64>,
 }
 
+/// How the coordinator asks a worker something (offers, cancellations): over its QUIC
+/// connection, or in this process for the embedded worker.
+#[derive(Clone)]
+enum WorkerChannel {
+    Quic(quinn::Connection),
+    Local(tokio::sync::mpsc::Sender<WorkerCall>),
+}
+
+impl WorkerChannel {
+    /// Sends one request and waits for the worker's answer.
+    async fn request(&self, msg: &wire::CoordinatorToWorker) -> Result<wire::WorkerMsg, String> {
+        match self {
+            WorkerChannel::Quic(conn) => wire::request(conn, msg).await.map_err(|e| e.to_string()),
+            WorkerChannel::Local(tx) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                tx.send(WorkerCall {
+                    msg: msg.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|_| "the embedded worker has stopped".to_string())?;
+                answer
+                    .await
+                    .map_err(|_| "the embedded worker dropped the request".to_string())
+            }
+        }
+    }
+
+    /// Whether two channels are the same link (a worker that reconnected has a new one).
+    fn same(&self, other: &WorkerChannel) -> bool {
+        match (self, other) {
+            (WorkerChannel::Quic(a), WorkerChannel::Quic(b)) => a.stable_id() == b.stable_id(),
+            (WorkerChannel::Local(a), WorkerChannel::Local(b)) => a.same_channel(b),
+            _ => false,
+        }
+    }
+}
+
 impl Shared {
+    /// Starts the Raft task and the leader's loop around `node`.
+    fn start(
+        node: RaftNode<ClusterState>,
+        config: CoordinatorConfig,
+        tokens: ClientTokens,
+        dialer: Option<quinn::Endpoint>,
+    ) -> Arc<Shared> {
+        let handle = node_task::start_node(node, &config, dialer);
+        let shared = Arc::new(Shared {
+            node: handle,
+            config,
+            tokens,
+            workers: Mutex::new(HashMap::new()),
+            events: Mutex::new(progress_log::ProgressLog::default()),
+            wake: tokio::sync::Notify::new(),
+            progressed: tokio::sync::watch::Sender::new(0),
+        });
+        tokio::spawn(leader::leader_loop(shared.clone()));
+        shared
+    }
+
+    /// Keeps one progress event of `build` for its watchers, and wakes them.
+    fn record_event(&self, build: u64, event: strata_shared::progress::Event) {
+        {
+            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.push(build, event);
+        }
+        self.progressed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Something the leader's loop acts on happened: run it now, and wake the watchers.
+    fn changed(&self) {
+        self.wake.notify_one();
+        self.progressed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     fn is_leader(&self) -> bool {
         let v = self.node.view();
         v.leader == Some(v.id)

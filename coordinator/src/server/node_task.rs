@@ -164,11 +164,12 @@ fn address_book(
 }
 
 /// Starts the Raft task. Peer senders start on the first message to a peer whose address is
-/// known, and stop when it leaves the group.
+/// known, and stop when it leaves the group. Without a `dialer` (a single-node group in one
+/// process) nothing is ever sent to another node.
 pub(super) fn start_node(
     mut node: RaftNode<ClusterState>,
     config: &CoordinatorConfig,
-    dialer: quinn::Endpoint,
+    dialer: Option<quinn::Endpoint>,
 ) -> NodeHandle {
     let (tx, mut rx) = mpsc::channel::<Request>(4096);
     let (view_tx, view_rx) = watch::channel(NodeView::default());
@@ -380,7 +381,7 @@ fn is_retired(node: &RaftNode<ClusterState>, peer: u64) -> bool {
 struct PeerSenders {
     senders: HashMap<u64, mpsc::Sender<(PeerMsg, bool)>>,
     book: AddressBook,
-    dialer: quinn::Endpoint,
+    dialer: Option<quinn::Endpoint>,
     me: u64,
     my_name: String,
     requests: mpsc::Sender<Request>,
@@ -392,6 +393,9 @@ impl PeerSenders {
     /// Queues `msg` (a snapshot when `snapshot`) for `to`; false when it cannot be.
     fn send(&mut self, to: u64, msg: PeerMsg, snapshot: bool) -> bool {
         if !self.senders.contains_key(&to) {
+            let Some(dialer) = self.dialer.clone() else {
+                return false;
+            };
             let Some(peer) = self
                 .book
                 .lock()
@@ -403,7 +407,7 @@ impl PeerSenders {
             };
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             tokio::spawn(peer_sender(
-                self.dialer.clone(),
+                dialer,
                 peer,
                 self.my_name.clone(),
                 rx,

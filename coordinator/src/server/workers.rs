@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use strata_shared::job::{JobContext, StageJob, StageOutput};
+use strata_shared::job::{StageJob, StageOutput};
 use strata_shared::progress::Event;
 use strata_shared::wire::{
     self, CoordinatorToWorker, ErrorCode, ErrorReply, JobAck, JobOutcome, WorkerMsg,
 };
 
-use super::{ProposeError, Shared, WorkerLink, now_ms};
+use super::{ProposeError, Shared, WorkerChannel, WorkerLink, now_ms};
 use crate::state;
 
 /// A worker's connection: its requests on bidirectional streams, its progress on
@@ -29,14 +29,15 @@ pub(super) async fn worker_connection(
             }
         })
     };
+    let channel = WorkerChannel::Quic(conn.clone());
     let result = async {
         while let Some((mut send, mut recv)) = wire::accept_stream(&conn).await? {
-            let (shared, conn, name) = (shared.clone(), conn.clone(), name.clone());
+            let (shared, channel, name) = (shared.clone(), channel.clone(), name.clone());
             tokio::spawn(async move {
                 let Ok(msg) = wire::read_frame::<WorkerMsg>(&mut recv).await else {
                     return;
                 };
-                let reply = worker_request(&shared, &conn, &name, msg).await;
+                let reply = worker_request(&shared, &channel, &name, msg).await;
                 if wire::write_frame(&mut send, &reply).await.is_ok() {
                     let _ = send.finish();
                 }
@@ -47,10 +48,7 @@ pub(super) async fn worker_connection(
     .await;
     progress.abort();
     let mut workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
-    if workers
-        .get(&name)
-        .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
-    {
+    if workers.get(&name).is_some_and(|l| l.channel.same(&channel)) {
         workers.remove(&name);
     }
     result
@@ -75,9 +73,10 @@ fn ack(accepted: bool, reason: impl Into<String>) -> CoordinatorToWorker {
     })
 }
 
-async fn worker_request(
+/// Answers one request of worker `name`, whichever way it came.
+pub(super) async fn worker_request(
     shared: &Shared,
-    conn: &quinn::Connection,
+    channel: &WorkerChannel,
     name: &str,
     msg: WorkerMsg,
 ) -> CoordinatorToWorker {
@@ -117,11 +116,13 @@ async fn worker_request(
                     workers.insert(
                         name.to_string(),
                         WorkerLink {
-                            conn: conn.clone(),
+                            channel: channel.clone(),
                             last_seen: Instant::now(),
                             running: Vec::new(),
                         },
                     );
+                    drop(workers);
+                    shared.changed();
                     ack(true, "")
                 }
                 Ok(other) => ack(false, format!("{other:?}")),
@@ -177,7 +178,10 @@ async fn worker_request(
                     tracing::warn!(worker = %name, job = %job, %reason, "result refused");
                     ack(false, reason.to_string())
                 }
-                Ok(_) => ack(true, ""),
+                Ok(_) => {
+                    shared.changed();
+                    ack(true, "")
+                }
                 Err(e) => worker_propose_error(shared, e),
             }
         }
@@ -205,9 +209,15 @@ async fn worker_request(
                 Err(e) => worker_propose_error(shared, e),
             }
         }
-        WorkerMsg::Progress(_) | WorkerMsg::Ack(_) => {
-            ack(false, "progress goes on a unidirectional stream")
-        }
+        WorkerMsg::Progress(p) => match channel {
+            // Over QUIC, progress has streams of its own (see `progress_stream`).
+            WorkerChannel::Quic(_) => ack(false, "progress goes on a unidirectional stream"),
+            WorkerChannel::Local(_) => {
+                record_progress(shared, p).await;
+                ack(true, "")
+            }
+        },
+        WorkerMsg::Ack(_) => ack(false, "an acknowledgement answers an offer or a cancel"),
     }
 }
 
@@ -234,24 +244,25 @@ fn check_output(output: &StageOutput) -> Result<(), String> {
     Ok(())
 }
 
-/// Progress events of one job: kept for the build's watchers.
+/// Progress events of one job on a stream of their own: kept for the build's watchers.
 async fn progress_stream(shared: Arc<Shared>, mut stream: quinn::RecvStream) {
-    let mut build: Option<u64> = None;
     while let Ok(Some(WorkerMsg::Progress(p))) =
         wire::read_frame_or_eof::<WorkerMsg>(&mut stream).await
     {
-        if build.is_none() {
-            let job = state::JobId(p.job_id);
-            build = shared
-                .node
-                .query(move |s| s.job(job).map(|j| j.build.0))
-                .await
-                .flatten();
-        }
-        if let Some(b) = build {
-            let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-            events.push(b, p.event);
-        }
+        record_progress(&shared, p).await;
+    }
+}
+
+/// Keeps one progress event of a job for its build's watchers.
+async fn record_progress(shared: &Shared, p: wire::JobProgress) {
+    let job = state::JobId(p.job_id);
+    let build = shared
+        .node
+        .query(move |s| s.job(job).map(|j| j.build.0))
+        .await
+        .flatten();
+    if let Some(b) = build {
+        shared.record_event(b, p.event);
     }
 }
 
@@ -272,6 +283,7 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
             let stage_job = StageJob {
                 id: job.0 as usize,
                 dockerfile: req.dockerfile.clone(),
+                dockerfile_name: req.dockerfile_name.clone(),
                 options: req.options.clone(),
                 build_platform: spec.build_platform.clone(),
                 target_platform: spec
@@ -282,14 +294,10 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                     .unwrap_or_else(|| spec.instance.platform.clone()),
                 stage: spec.instance.index,
                 inputs,
-                context: if req.context_id.is_empty() {
-                    JobContext::None
-                } else {
-                    JobContext::Store(req.context_id.clone())
-                },
+                context: req.context.clone(),
                 show_platform: req.platforms.len() > 1,
                 no_cache: req.no_cache,
-                secrets: BTreeMap::new(),
+                secrets: req.secrets.clone(),
                 allow_host_network: req.allow_host_network,
                 compression: req.compression,
             };
@@ -301,12 +309,12 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
         })
         .await
         .flatten();
-    let conn = {
+    let channel = {
         let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.get(&lease.worker).map(|l| l.conn.clone())
+        workers.get(&lease.worker).map(|l| l.channel.clone())
     };
-    let refused = match (spec, conn) {
-        (Some((stage_job, build, note)), Some(conn)) => {
+    let refused = match (spec, channel) {
+        (Some((stage_job, build, note)), Some(channel)) => {
             let offer = CoordinatorToWorker::Offer(wire::JobOffer {
                 job_id: job.0,
                 epoch: lease.token.epoch,
@@ -314,11 +322,10 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 deadline_ms: lease.deadline_ms,
                 job: stage_job,
             });
-            match wire::request::<WorkerMsg>(&conn, &offer).await {
+            match channel.request(&offer).await {
                 Ok(WorkerMsg::Ack(a)) if a.accepted => {
                     // Where each stage runs, for the build's watchers.
-                    let mut events = shared.events.lock().unwrap_or_else(|e| e.into_inner());
-                    events.push(build, Event::Note { text: note });
+                    shared.record_event(build, Event::Note { text: note });
                     None
                 }
                 Ok(WorkerMsg::Ack(a)) => Some(format!("the worker refused the job: {}", a.reason)),
@@ -347,22 +354,19 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
 
 /// Asks `worker` to stop `job` (under `epoch` or any older lease); logs what it answered.
 pub(super) async fn cancel(shared: &Shared, worker: &str, job: state::JobId, epoch: u64) {
-    let conn = {
+    let channel = {
         let workers = shared.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.get(worker).map(|l| l.conn.clone())
+        workers.get(worker).map(|l| l.channel.clone())
     };
-    let Some(conn) = conn else {
+    let Some(channel) = channel else {
         return;
     };
     let msg = CoordinatorToWorker::Cancel(wire::CancelJob {
         job_id: job.0,
         epoch,
     });
-    let answer = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        wire::request::<WorkerMsg>(&conn, &msg),
-    )
-    .await;
+    let answer =
+        tokio::time::timeout(std::time::Duration::from_secs(5), channel.request(&msg)).await;
     match answer {
         Ok(Ok(WorkerMsg::Ack(a))) if a.accepted => {
             tracing::info!(%job, %worker, "job stopped on its worker: its build no longer needs it");

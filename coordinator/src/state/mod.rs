@@ -51,6 +51,7 @@ use crate::placement::Emulation;
 mod command;
 mod migrate;
 mod query;
+#[cfg(any(test, feature = "simulation"))]
 pub mod simulation;
 #[cfg(test)]
 mod tests;
@@ -197,6 +198,22 @@ impl BuildStatus {
             BuildStatus::Cancelled { .. } => "cancelled",
         }
     }
+}
+
+/// A failed step's message with its stage and platform at the end of its first line:
+/// the message itself starts with what it is about (`Dockerfile:3: RUN make: exit code 2`),
+/// and the lines after the first (the Dockerfile excerpt, the step's last output) stay as
+/// they are.
+fn name_stage(error: &str, stage: &str, platform: &Platform) -> String {
+    let (first, rest) = error
+        .split_once('\n')
+        .map_or((error, None), |(f, r)| (f, Some(r)));
+    let mut out = format!("{first} [stage {stage}, {platform}]");
+    if let Some(rest) = rest {
+        out.push('\n');
+        out.push_str(rest);
+    }
+    out
 }
 
 /// The image of one target platform: the output of its target job.
@@ -1108,7 +1125,7 @@ impl StateMachine {
             Failure::Step { error } => {
                 let j = &self.jobs[&job];
                 let build = j.build;
-                let message = format!("stage {} ({}): {error}", j.name, j.platform);
+                let message = name_stage(&error, &j.name, &j.platform);
                 self.set_state(job, JobState::Failed { error });
                 self.finish_build(
                     build,

@@ -200,7 +200,9 @@ fn stage_key(stage: usize) -> String {
 pub fn request() -> BuildRequest {
     BuildRequest {
         dockerfile: "FROM scratch\n".into(),
-        context_id: String::new(),
+        dockerfile_name: "Dockerfile".into(),
+        context: Default::default(),
+        secrets: Default::default(),
         options: Default::default(),
         platforms: vec![Platform::new("linux", "amd64", "")],
         no_cache: false,

@@ -374,7 +374,7 @@ fn a_step_failure_fails_the_build_and_cancels_the_rest() {
             error: "process \"/bin/sh -c make\" did not complete successfully: exit code: 2".into(),
         },
     );
-    let expected = "stage a (linux/amd64): process \"/bin/sh -c make\" did not complete successfully: exit code: 2";
+    let expected = "process \"/bin/sh -c make\" did not complete successfully: exit code: 2 [stage a, linux/amd64]";
     assert_eq!(
         resp,
         Response::JobFailed {

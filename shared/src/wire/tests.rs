@@ -168,6 +168,7 @@ pub(crate) fn sample_job() -> crate::job::StageJob {
     crate::job::StageJob {
         id: 5,
         dockerfile: "FROM busybox AS base\nFROM base\nRUN make\n".into(),
+        dockerfile_name: "Dockerfile.dev".into(),
         options: crate::dockerfile::stages::BuildOptions {
             build_args: [("VERSION".to_string(), "1.2".to_string())].into(),
             target: Some("base".into()),
@@ -189,7 +190,9 @@ pub(crate) fn sample_job() -> crate::job::StageJob {
 pub(crate) fn sample_request() -> crate::job::BuildRequest {
     crate::job::BuildRequest {
         dockerfile: "FROM busybox\nRUN true\n".into(),
-        context_id: "e".repeat(64),
+        dockerfile_name: "Dockerfile".into(),
+        context: crate::job::JobContext::Store("e".repeat(64)),
+        secrets: Default::default(),
         options: Default::default(),
         platforms: vec![platform("linux/amd64"), platform("linux/arm64")],
         no_cache: true,
