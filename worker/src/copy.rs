@@ -16,7 +16,8 @@
 //! value to a mode. All filesystem work is blocking; async callers wrap it in `spawn_blocking`.
 
 use crate::hashcache::HashCache;
-use std::collections::{HashMap, VecDeque};
+use crate::rootfs::{self, Escape, ResolveError, Resolved};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -40,7 +41,8 @@ pub struct Owner {
     pub gid: u32,
 }
 
-/// The root owner, used when no `--chown` is given: COPY never keeps source owners.
+/// The root owner: of what COPY and ADD take from the build context without `--chown`, and of
+/// the parent directories they create.
 const ROOT: Owner = Owner { uid: 0, gid: 0 };
 
 /// One COPY or ADD instruction after variable expansion.
@@ -57,6 +59,9 @@ pub struct CopySpec {
     pub workdir: String,
     /// `--chown`, already resolved to numeric ids by the caller.
     pub chown: Option<Owner>,
+    /// Without `--chown`, keep each source's owner instead of making it root's: COPY from a
+    /// stage or an image does (BuildKit), COPY from the build context does not.
+    pub keep_owners: bool,
     /// Raw `--chmod` value: octal (`755`) or symbolic (`u+x,g-w`).
     pub chmod: Option<String>,
     /// `--exclude` patterns (`.dockerignore` syntax), matched against paths relative to each
@@ -351,35 +356,8 @@ fn str_comps(s: &str) -> Vec<OsString> {
     s.split('/').map(OsString::from).collect()
 }
 
-fn host_path(root: &Path, comps: &[OsString]) -> PathBuf {
-    let mut p = root.to_path_buf();
-    for c in comps {
-        p.push(c);
-    }
-    p
-}
-
-/// What to do when `..` climbs above the root while resolving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Escape {
-    /// The path escapes: refuse (sources).
-    Error,
-    /// Stay at the root, like `/..` in a chroot (destinations).
-    Clamp,
-}
-
-/// A path resolved inside a root: the host path and its components below the root.
-#[derive(Debug)]
-struct Resolved {
-    host: PathBuf,
-    rel: Vec<OsString>,
-}
-
-const MAX_SYMLINKS: usize = 255;
-
-/// Resolves `path` (slash-separated, relative to `root`, a leading `/` meaning `root`) following
-/// symbolic links with chroot semantics: absolute link targets start again at `root`. The last
-/// component is followed only if `follow_final`. Nothing outside `root` is ever looked at.
+/// [`rootfs::resolve`] for a slash-separated `path`, its errors naming `display` (the path as
+/// the instruction wrote it).
 fn resolve(
     root: &Path,
     path: &str,
@@ -387,65 +365,25 @@ fn resolve(
     escape: Escape,
     display: &str,
 ) -> Result<Resolved, CopyError> {
-    let comps = path.split('/').map(OsString::from).collect();
-    resolve_comps(root, comps, follow_final, escape, display)
+    resolve_os(root, OsStr::new(path), follow_final, escape, display)
 }
 
-/// [`resolve`] for a path given as components (which need not be UTF-8).
-fn resolve_comps(
+/// [`resolve`] for a path that need not be UTF-8.
+fn resolve_os(
     root: &Path,
-    comps: Vec<OsString>,
+    path: &OsStr,
     follow_final: bool,
     escape: Escape,
     display: &str,
 ) -> Result<Resolved, CopyError> {
-    let mut pending: VecDeque<OsString> = comps
-        .into_iter()
-        .filter(|c| !c.is_empty() && c != ".")
-        .collect();
-    let mut done: Vec<OsString> = Vec::new();
-    let mut links = 0usize;
-    while let Some(comp) = pending.pop_front() {
-        if comp == ".." {
-            if done.pop().is_none() && escape == Escape::Error {
-                return Err(CopyError::OutsideRoot {
-                    path: display.to_string(),
-                });
-            }
-            continue;
-        }
-        if pending.is_empty() && !follow_final {
-            done.push(comp);
-            break;
-        }
-        let host = host_path(root, &done).join(&comp);
-        match fs::symlink_metadata(&host) {
-            Ok(m) if m.file_type().is_symlink() => {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Err(CopyError::SymlinkLoop {
-                        path: display.to_string(),
-                    });
-                }
-                let target = fs::read_link(&host).map_err(io_err("read link", &host))?;
-                let bytes = target.as_os_str().as_bytes();
-                if bytes.starts_with(b"/") {
-                    done.clear();
-                }
-                for part in bytes
-                    .split(|b| *b == b'/')
-                    .rev()
-                    .filter(|c| !c.is_empty() && *c != b".")
-                {
-                    pending.push_front(OsString::from_vec(part.to_vec()));
-                }
-            }
-            _ => done.push(comp),
-        }
-    }
-    Ok(Resolved {
-        host: host_path(root, &done),
-        rel: done,
+    rootfs::resolve(root, path, follow_final, escape).map_err(|e| match e {
+        ResolveError::OutsideRoot { .. } => CopyError::OutsideRoot {
+            path: display.to_string(),
+        },
+        ResolveError::Loop { .. } => CopyError::SymlinkLoop {
+            path: display.to_string(),
+        },
+        ResolveError::ReadLink { link, source, .. } => io_err("read link", &link)(source),
     })
 }
 
@@ -1288,7 +1226,23 @@ enum Item {
 struct Plan {
     items: Vec<Item>,
     chmod: Option<Chmod>,
-    owner: Owner,
+    /// The owner of everything copied; `None` keeps each source's.
+    owner: Option<Owner>,
+}
+
+impl Plan {
+    /// The owner `meta`'s copy gets.
+    fn owner_of(&self, meta: &Metadata) -> Owner {
+        self.owner.unwrap_or(Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// The owner of directories created on the way to the destination, and of inline files.
+    fn created_owner(&self) -> Owner {
+        self.owner.unwrap_or(ROOT)
+    }
 }
 
 struct Planner<'a> {
@@ -1395,7 +1349,11 @@ fn build_plan(
     Ok(Plan {
         items,
         chmod,
-        owner: spec.chown.unwrap_or(ROOT),
+        owner: match (spec.chown, spec.keep_owners) {
+            (Some(owner), _) => Some(owner),
+            (None, true) => None,
+            (None, false) => Some(ROOT),
+        },
     })
 }
 
@@ -1534,7 +1492,13 @@ impl Planner<'_> {
             .find(|n| !n.is_empty() && *n != ".")
             .cloned()
             .unwrap_or_else(|| OsString::from("."));
-        let res = resolve_comps(self.root, rel, true, Escape::Error, display)?;
+        let joined = OsString::from_vec(
+            rel.iter()
+                .map(|c| c.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b'/'),
+        );
+        let res = resolve_os(self.root, &joined, true, Escape::Error, display)?;
         let meta = self.stat_visible(&res, display)?;
         let mut children = Vec::new();
         if meta.is_dir() {
@@ -1999,7 +1963,8 @@ fn extract_archive(archive: &Path, dest: &Path, chown: Option<Owner>) -> Result<
 // ---------------------------------------------------------------------------------------------
 
 struct Writer<'a> {
-    owner: Owner,
+    /// The owner of every copy; `None` keeps each source's.
+    owner: Option<Owner>,
     chmod: Option<&'a Chmod>,
     /// Directories whose owner, mode and times are set once their contents are written.
     pending_dirs: Vec<(PathBuf, &'a Entry)>,
@@ -2017,7 +1982,11 @@ impl<'a> Writer<'a> {
 
     /// Owner, mode, times and xattrs of `src` onto `target`.
     fn finish(&self, src: &Path, meta: &Metadata, target: &Path) -> Result<(), CopyError> {
-        std::os::unix::fs::lchown(target, Some(self.owner.uid), Some(self.owner.gid))
+        let owner = self.owner.unwrap_or(Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        });
+        std::os::unix::fs::lchown(target, Some(owner.uid), Some(owner.gid))
             .map_err(io_err("chown", target))?;
         if !meta.file_type().is_symlink() {
             fs::set_permissions(target, fs::Permissions::from_mode(self.mode_for(meta)))
@@ -2146,7 +2115,7 @@ pub fn copy_into(
         dir_of(&dest)
     };
     let ensure_host = resolve(dst_root, &ensure, true, Escape::Clamp, &ensure)?.host;
-    mkdir_all(&ensure_host, plan.owner)?;
+    mkdir_all(&ensure_host, plan.created_owner())?;
     let mut writer = Writer {
         owner: plan.owner,
         chmod: plan.chmod.as_ref(),
@@ -2161,7 +2130,7 @@ pub fn copy_into(
             Item::Path {
                 root, unpack: true, ..
             } => {
-                mkdir_all(&dst, plan.owner)?;
+                mkdir_all(&dst, plan.created_owner())?;
                 extract_archive(&root.abs, &dst, spec.chown)?;
             }
             Item::Path {
@@ -2172,7 +2141,7 @@ pub fn copy_into(
             } => {
                 if root.meta.is_dir() {
                     match &dst_meta {
-                        None => mkdir_all(&dst, plan.owner)?,
+                        None => mkdir_all(&dst, plan.created_owner())?,
                         Some(m) if !m.is_dir() => {
                             return Err(CopyError::NotADirectory { path: dst });
                         }
@@ -2189,7 +2158,7 @@ pub fn copy_into(
                 } else {
                     let target = if dst_is_dir { dst.join(name) } else { dst };
                     if let Some(parent) = target.parent() {
-                        mkdir_all(parent, plan.owner)?;
+                        mkdir_all(parent, plan.created_owner())?;
                     }
                     writer.inodes.clear();
                     writer.copy_entry(root, &target)?;
@@ -2198,7 +2167,7 @@ pub fn copy_into(
             Item::Inline { name, content } => {
                 let target = if dst_is_dir { dst.join(name) } else { dst };
                 if let Some(parent) = target.parent() {
-                    mkdir_all(parent, plan.owner)?;
+                    mkdir_all(parent, plan.created_owner())?;
                 }
                 Writer::clear_file_target(&target)?;
                 let mut f = OpenOptions::new()
@@ -2209,7 +2178,8 @@ pub fn copy_into(
                     .map_err(io_err("create", &target))?;
                 f.write_all(content).map_err(io_err("write", &target))?;
                 drop(f);
-                std::os::unix::fs::lchown(&target, Some(plan.owner.uid), Some(plan.owner.gid))
+                let owner = plan.created_owner();
+                std::os::unix::fs::lchown(&target, Some(owner.uid), Some(owner.gid))
                     .map_err(io_err("chown", &target))?;
                 let mode = plan.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
@@ -2446,8 +2416,9 @@ pub fn source_digest_cached(
                         _ => meta.mode() & 0o7777,
                     };
                     put_u64(&mut h, mode.into());
-                    put_u64(&mut h, plan.owner.uid.into());
-                    put_u64(&mut h, plan.owner.gid.into());
+                    let owner = plan.owner_of(meta);
+                    put_u64(&mut h, owner.uid.into());
+                    put_u64(&mut h, owner.gid.into());
                     if let Some(link) = &d.link {
                         put_bytes(&mut h, link.as_os_str().as_bytes());
                     }
@@ -2474,8 +2445,9 @@ pub fn source_digest_cached(
                 put_bytes(&mut h, name.as_bytes());
                 let mode = plan.chmod.as_ref().map_or(0o644, |c| c.apply(0o644, false));
                 put_u64(&mut h, mode.into());
-                put_u64(&mut h, plan.owner.uid.into());
-                put_u64(&mut h, plan.owner.gid.into());
+                let owner = plan.created_owner();
+                put_u64(&mut h, owner.uid.into());
+                put_u64(&mut h, owner.gid.into());
                 put_u64(&mut h, content.len() as u64);
                 h.update(blake3::hash(content).as_bytes());
             }
@@ -2736,6 +2708,7 @@ pub async fn fetch_urls(spec: &CopySpec, dir: &Path) -> Result<CopySpec, CopyErr
         dest: spec.dest.clone(),
         workdir: spec.workdir.clone(),
         chown: spec.chown,
+        keep_owners: false,
         chmod: spec.chmod.clone(),
         exclude: Vec::new(),
         parents: false,
@@ -2980,6 +2953,47 @@ mod tests {
             fs::metadata(dst.path().join("o/run.sh")).unwrap().mtime(),
             src_m
         );
+    }
+
+    /// BuildKit's `testCopyFromStage` owners: a copy from a stage keeps every source owner,
+    /// the destination directories that exist keep theirs, created parents are root's.
+    #[test]
+    fn copies_from_a_stage_keep_their_owners() {
+        let (stage, dst) = setup();
+        let own = |rel: &str, uid: u32, gid: u32| {
+            std::os::unix::fs::lchown(stage.path().join(rel), Some(uid), Some(gid)).unwrap()
+        };
+        write(stage.path(), "file", "f", 0o644);
+        own("file", 100, 200);
+        own("dir", 101, 201);
+        own("dir/sub", 102, 202);
+        own("dir/sub/two.md", 103, 203);
+        fs::create_dir_all(dst.path().join("existing")).unwrap();
+        std::os::unix::fs::lchown(dst.path().join("existing"), Some(7), Some(8)).unwrap();
+        let mut s = spec(&["file", "dir"], "/existing/");
+        s.keep_owners = true;
+        copy(&stage, &dst, &s).unwrap();
+        assert_eq!(owner(dst.path(), "existing"), (7, 8));
+        assert_eq!(owner(dst.path(), "existing/file"), (100, 200));
+        assert_eq!(owner(dst.path(), "existing/sub"), (102, 202));
+        assert_eq!(owner(dst.path(), "existing/sub/two.md"), (103, 203));
+        assert_eq!(owner(dst.path(), "existing/one.txt"), (0, 0));
+        let mut s = spec(&["dir"], "/new/parents/dir");
+        s.keep_owners = true;
+        copy(&stage, &dst, &s).unwrap();
+        assert_eq!(owner(dst.path(), "new/parents"), (0, 0));
+        assert_eq!(owner(dst.path(), "new/parents/dir/sub"), (102, 202));
+        // --chown still wins, and the digest tells the owners apart.
+        let mut s = spec(&["file"], "/chowned");
+        s.keep_owners = true;
+        s.chown = Some(Owner { uid: 5, gid: 6 });
+        copy(&stage, &dst, &s).unwrap();
+        assert_eq!(owner(dst.path(), "chowned"), (5, 6));
+        let mut keep = spec(&["file"], "/x");
+        keep.keep_owners = true;
+        let before = source_digest(stage.path(), &keep, None).unwrap();
+        own("file", 100, 201);
+        assert_ne!(source_digest(stage.path(), &keep, None).unwrap(), before);
     }
 
     #[test]

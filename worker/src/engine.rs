@@ -288,6 +288,7 @@ impl Engine {
                         dest: c.paths.dest.clone(),
                         workdir: workdir_of(state.config),
                         chown: None,
+                        keep_owners: false,
                         chmod: c.chmod.clone(),
                         exclude: c.exclude.clone(),
                         parents: c.parents,
@@ -312,6 +313,7 @@ impl Engine {
                         dest: a.paths.dest.clone(),
                         workdir: workdir_of(state.config),
                         chown: None,
+                        keep_owners: false,
                         chmod: a.chmod.clone(),
                         exclude: a.exclude.clone(),
                         parents: false,
@@ -1126,6 +1128,8 @@ impl StageCtx<'_> {
         state: &mut FsState<'_>,
     ) -> Result<(), BuildError> {
         let verb = if spec.is_add { "ADD" } else { "COPY" };
+        // From a stage or an image, files keep their owners unless --chown says otherwise.
+        spec.keep_owners = from.is_some();
         let text = ins.original.trim().to_string();
         self.started(text.clone());
         let started = Instant::now();

@@ -11,12 +11,13 @@
 //! value into numeric ids from the image's `/etc/passwd` and `/etc/group`, with the semantics of
 //! Docker and BuildKit. All of this is blocking code: async callers use `spawn_blocking`.
 
+use crate::rootfs::resolve_in_root;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use filetime::FileTime;
@@ -1248,62 +1249,6 @@ fn create_working_dir(rootfs: &Path, cwd: &str) -> Result<PathBuf, ExecError> {
         }
     }
     Ok(target)
-}
-
-/// The components of a path as a stack (last component on top), skipping `/` and `.`.
-fn push_components(stack: &mut Vec<OsString>, path: &Path) {
-    for component in path.components().rev() {
-        match component {
-            Component::Normal(name) => stack.push(name.to_owned()),
-            Component::ParentDir => stack.push(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-}
-
-/// Resolves `path` inside `root` as the container will see it: symbolic links are followed
-/// but never leave `root` (an absolute target starts again at `root`, `..` stops at `root`),
-/// and components that do not exist are appended as they are.
-fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
-    const MAX_LINKS: usize = 255;
-    let mut pending = Vec::new();
-    push_components(&mut pending, path);
-    let mut resolved = root.to_owned();
-    let mut depth = 0usize;
-    let mut links = 0usize;
-    while let Some(name) = pending.pop() {
-        if name == ".." {
-            if depth > 0 {
-                resolved.pop();
-                depth -= 1;
-            }
-            continue;
-        }
-        let candidate = resolved.join(&name);
-        match fs::symlink_metadata(&candidate) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                links += 1;
-                if links > MAX_LINKS {
-                    return Err(io::Error::other(format!(
-                        "too many levels of symbolic links resolving {} in {}",
-                        path.display(),
-                        root.display()
-                    )));
-                }
-                let target = fs::read_link(&candidate)?;
-                if target.is_absolute() {
-                    resolved = root.to_owned();
-                    depth = 0;
-                }
-                push_components(&mut pending, &target);
-            }
-            _ => {
-                resolved = candidate;
-                depth += 1;
-            }
-        }
-    }
-    Ok(resolved)
 }
 
 /// The mount points runc will create in a rootfs, found before a run and removed after it
