@@ -31,3 +31,69 @@ fn copy_from_a_stage_keeps_owners() {
          /existing 7:8\n/existing/subdir 101:201\n/chowned 5:6\n/from-context 0:0\n"
     );
 }
+
+/// `testUser` and the supplementary groups of CVE-2023-25173: every USER form runs with its
+/// primary group among its groups, and root's memberships (`wheel`) when no USER is given.
+/// `testNoNewPrivs`: steps may gain privileges through set-user-id programs (BuildKit sets
+/// `oci.WithNewPrivileges`), so `NoNewPrivs` is 0.
+#[test]
+fn users_get_their_groups_and_may_gain_privileges() {
+    let f = Fixture::new();
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\n\
+         RUN echo 'daemon:x:1:1:daemon:/:/bin/false' >> /etc/passwd \
+         && printf 'daemon:x:1:\\nwheel:x:10:root\\n' >> /etc/group\n\
+         RUN mkdir -m 777 /out && id > /out/none && grep NoNewPrivs /proc/self/status > /out/nnp\n\
+         USER 1234\n\
+         RUN id > /out/1234\n\
+         USER 1234:1234\n\
+         RUN id > /out/1234-1234\n\
+         USER daemon\n\
+         RUN id > /out/daemon\n\
+         USER root\n\
+         RUN id > /out/root\n",
+    );
+    let (root, _) = f.build_local("rootfs", &[]);
+    let out = |name: &str| read(&root.join("out").join(name));
+    assert_eq!(
+        out("none"),
+        "uid=0(root) gid=0(root) groups=0(root),10(wheel)\n"
+    );
+    assert_eq!(
+        out("root"),
+        "uid=0(root) gid=0(root) groups=0(root),10(wheel)\n"
+    );
+    assert_eq!(out("1234"), "uid=1234 gid=0(root) groups=0(root)\n");
+    assert_eq!(out("1234-1234"), "uid=1234 gid=1234 groups=1234\n");
+    assert_eq!(
+        out("daemon"),
+        "uid=1(daemon) gid=1(daemon) groups=1(daemon)\n"
+    );
+    assert_eq!(out("nnp"), "NoNewPrivs:\t0\n");
+}
+
+/// `testCopyDuplicates`-style chains: steps that produce the same layer twice, adjacent or
+/// apart, stack like any others, and the next step runs on them.
+#[test]
+fn identical_layers_may_repeat_in_a_chain() {
+    let f = Fixture::new();
+    f.write("a", "a\n");
+    f.write("b", "b\n");
+    f.write("c", "c\n");
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\n\
+         COPY a a\n\
+         COPY a a\n\
+         RUN cat a > /adjacent\n\
+         COPY a /a\n\
+         COPY b /b\n\
+         COPY a /a\n\
+         COPY c /c\n\
+         RUN cat /a /b /c > /apart\n",
+    );
+    let (root, _) = f.build_local("rootfs", &[]);
+    assert_eq!(read(&root.join("adjacent")), "a\n");
+    assert_eq!(read(&root.join("apart")), "a\nb\nc\n");
+}

@@ -221,24 +221,32 @@ fn final_config(
                 .ok_or_else(|| ExportError::Invalid(format!("layer {} has no diff-id", l.digest)))
         })
         .collect::<Result<_, _>>()?;
+    normalize_history(&mut c.history, layers.len());
     for h in &mut c.history {
         if h.created.is_none() {
             h.created = Some(created.to_string());
         }
     }
-    let with_layer = c
-        .history
-        .iter()
-        .filter(|h: &&History| !h.empty_layer)
-        .count();
-    if with_layer != layers.len() {
-        return Err(ExportError::Invalid(format!(
-            "the image for {} has {} layers but {with_layer} history entries with a layer",
-            c.platform(),
-            layers.len()
-        )));
-    }
     Ok(c)
+}
+
+/// Makes the history account for exactly `layers` layers, as BuildKit's exporter does for
+/// images whose base had no (or too little) history: entries with a layer past the layers
+/// become empty, counting from the bottom, and missing ones are added at the end.
+fn normalize_history(history: &mut Vec<History>, layers: usize) {
+    let mut with_layer = 0;
+    for h in history.iter_mut() {
+        if with_layer >= layers {
+            h.empty_layer = true;
+        }
+        if !h.empty_layer {
+            with_layer += 1;
+        }
+    }
+    history.extend((with_layer..layers).map(|_| History {
+        comment: "buildkit.exporter.image.v0".into(),
+        ..History::default()
+    }));
 }
 
 /// A tarball being written: blobs under `blobs/sha256/`, each once.
@@ -502,6 +510,39 @@ fn docker_tag(r: &ImageRef) -> String {
 mod tests {
     use super::*;
 
+    /// BuildKit's `testHistoryWithoutBaseHistory`-style images: a base without history gets
+    /// entries for its layers; too many entries with a layer are made empty.
+    #[test]
+    fn history_is_normalized_to_the_layers() {
+        let step = |created_by: &str, empty_layer: bool| History {
+            created_by: created_by.into(),
+            empty_layer,
+            ..History::default()
+        };
+        // A base of 2 layers without history, then one RUN.
+        let mut h = vec![step("RUN make", false)];
+        normalize_history(&mut h, 3);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h[0].created_by, "RUN make");
+        assert!(
+            h[1..]
+                .iter()
+                .all(|e| !e.empty_layer && e.comment == "buildkit.exporter.image.v0")
+        );
+        // More entries with a layer than layers: the extra ones become empty.
+        let mut h = vec![step("a", false), step("ENV x=1", true), step("b", false)];
+        normalize_history(&mut h, 1);
+        assert_eq!(
+            h.iter().map(|e| e.empty_layer).collect::<Vec<_>>(),
+            [false, true, true]
+        );
+        // Already right: unchanged.
+        let mut h = vec![step("a", false), step("ENV x=1", true)];
+        let before = h.clone();
+        normalize_history(&mut h, 1);
+        assert_eq!(h, before);
+    }
+
     #[test]
     fn rfc3339_matches_go() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00Z");
@@ -521,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn layers_and_history_must_agree() {
+    fn the_exported_history_agrees_with_the_layers() {
         let p: Platform = "linux/amd64".parse().unwrap();
         let mut config = ImageConfig::empty(&p);
         config.history.push(History {
@@ -535,7 +576,8 @@ mod tests {
             env: Vec::new(),
             declared: Vec::new(),
         };
-        let err = assemble(&[(p, out)], "1970-01-01T00:00:00Z").unwrap_err();
-        assert!(err.to_string().contains("0 layers but 1 history"), "{err}");
+        let image = assemble(&[(p, out)], "1970-01-01T00:00:00Z").unwrap();
+        let config: ImageConfig = serde_json::from_slice(&image.images[0].config).unwrap();
+        assert!(config.history[0].empty_layer, "{config:?}");
     }
 }

@@ -310,17 +310,29 @@ const MAX_ID: u32 = i32::MAX as u32;
 
 /// Resolves a USER value against a root filesystem: `(uid, gid, additional gids)`.
 ///
-/// Follows BuildKit (which uses runc's user package): `""` is root with no additional groups;
+/// Follows BuildKit (which uses runc's user package): `""` is uid 0, looked up like any user;
 /// `uid:gid` with both numeric is taken as is, without reading any file; otherwise the user part
 /// is looked up by name or uid in the rootfs's `/etc/passwd` (an unknown name is an error, an
 /// unknown numeric uid gets gid 0), and the group part, when given, by name or gid in
-/// `/etc/group` (an unknown name is an error, an unknown number is used as is). Additional gids
-/// are only given when no group is explicit: every group of `/etc/group` that lists the user's
-/// name as a member. Symbolic links in the rootfs are followed without leaving it.
+/// `/etc/group` (an unknown name is an error, an unknown number is used as is). The additional
+/// gids are the primary gid, then, when no group is explicit, every group of `/etc/group` that
+/// lists the user's name as a member. Symbolic links in the rootfs are followed without leaving
+/// it.
 pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32, Vec<u32>), ExecError> {
-    if user.is_empty() {
-        return Ok((0, 0, Vec::new()));
+    let (uid, gid, memberships) = lookup_user(rootfs, user)?;
+    // The primary group comes first among the supplementary ones, as BuildKit sets them since
+    // the fix of CVE-2023-25173: a process never runs with fewer groups than its own.
+    let mut groups = vec![gid];
+    for g in memberships {
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
     }
+    Ok((uid, gid, groups))
+}
+
+/// The uid, gid and the groups `/etc/group` lists the user in. No user is root.
+fn lookup_user(rootfs: &Path, user: &str) -> Result<(u32, u32, Vec<u32>), ExecError> {
     let (user_part, group_part) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g).filter(|g| !g.is_empty())),
         None => (user, None),
@@ -1162,7 +1174,9 @@ fn runtime_spec(input: &SpecInput<'_>) -> Value {
                 "permitted": DEFAULT_CAPABILITIES,
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": input.nofile, "soft": input.nofile}],
-            "noNewPrivileges": true,
+            // Set-user-id programs work (`sudo` in a step), as in BuildKit's
+            // `oci.WithNewPrivileges`.
+            "noNewPrivileges": false,
         },
         "root": {"path": input.rootfs, "readonly": false},
         "hostname": input.hostname,
@@ -1410,7 +1424,8 @@ mod tests {
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
         nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n\
         app:x:1000:1000:app:/home/app:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app\n";
+    const GROUP: &str =
+        "root:x:0:\nwheel:x:10:root\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app\n";
 
     static TEMPLATE_LOCK: Mutex<()> = Mutex::new(());
     static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
@@ -1670,33 +1685,30 @@ mod tests {
         symlink("/etc/passwd.real", root.join("etc/passwd")).unwrap();
         fs::write(root.join("etc/group"), GROUP).unwrap();
 
-        assert_eq!(resolve_user(root, "").unwrap(), (0, 0, vec![]));
-        assert_eq!(resolve_user(root, "root").unwrap(), (0, 0, vec![]));
-        assert_eq!(resolve_user(root, "app").unwrap(), (1000, 1000, vec![2000]));
-        assert_eq!(
-            resolve_user(root, "1000").unwrap(),
-            (1000, 1000, vec![2000])
-        );
-        assert_eq!(
-            resolve_user(root, "app:extra").unwrap(),
-            (1000, 2000, vec![])
-        );
-        assert_eq!(
-            resolve_user(root, "app:2000").unwrap(),
-            (1000, 2000, vec![])
-        );
-        assert_eq!(resolve_user(root, "app:777").unwrap(), (1000, 777, vec![]));
-        assert_eq!(
-            resolve_user(root, "1000:2000").unwrap(),
-            (1000, 2000, vec![])
-        );
-        assert_eq!(resolve_user(root, "5:6").unwrap(), (5, 6, vec![]));
-        assert_eq!(resolve_user(root, "4242").unwrap(), (4242, 0, vec![]));
-        assert_eq!(resolve_user(root, ":extra").unwrap(), (0, 2000, vec![]));
-        assert_eq!(
-            resolve_user(root, "app:").unwrap(),
-            (1000, 1000, vec![2000])
-        );
+        // The primary gid always comes first among the additional ones (BuildKit's `id`
+        // output: no USER gives `groups=0(root),10(wheel)`, `USER 4242` gives `groups=0(root)`).
+        let cases: [(&str, (u32, u32, &[u32])); 13] = [
+            ("", (0, 0, &[0, 10])),
+            ("root", (0, 0, &[0, 10])),
+            ("app", (1000, 1000, &[1000, 2000])),
+            ("1000", (1000, 1000, &[1000, 2000])),
+            ("app:extra", (1000, 2000, &[2000])),
+            ("app:2000", (1000, 2000, &[2000])),
+            ("app:777", (1000, 777, &[777])),
+            ("1000:2000", (1000, 2000, &[2000])),
+            ("5:6", (5, 6, &[6])),
+            ("4242", (4242, 0, &[0])),
+            (":extra", (0, 2000, &[2000])),
+            ("app:", (1000, 1000, &[1000, 2000])),
+            ("nobody", (65534, 65534, &[65534])),
+        ];
+        for (user, (uid, gid, groups)) in cases {
+            assert_eq!(
+                resolve_user(root, user).unwrap(),
+                (uid, gid, groups.to_vec()),
+                "USER {user:?}"
+            );
+        }
 
         let err = resolve_user(root, "ghost").unwrap_err();
         assert!(
@@ -1715,10 +1727,10 @@ mod tests {
 
         // Without /etc/passwd and /etc/group, only numeric values work.
         let bare = tempfile::tempdir().unwrap();
-        assert_eq!(resolve_user(bare.path(), "123").unwrap(), (123, 0, vec![]));
+        assert_eq!(resolve_user(bare.path(), "123").unwrap(), (123, 0, vec![0]));
         assert_eq!(
             resolve_user(bare.path(), "123:45").unwrap(),
-            (123, 45, vec![])
+            (123, 45, vec![45])
         );
         assert!(matches!(
             resolve_user(bare.path(), "app"),
@@ -2157,7 +2169,7 @@ mod tests {
                 .len(),
             14
         );
-        assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(spec["process"]["noNewPrivileges"], false);
         assert_eq!(spec["process"]["rlimits"][0]["soft"], 1_048_576);
         assert_eq!(spec["process"]["user"]["additionalGids"], json!([2000]));
         assert!(

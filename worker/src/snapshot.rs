@@ -266,7 +266,16 @@ impl Snapshotter {
                 // The overlay root takes its owner and mode from the upper dir.
                 fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                     .map_err(io_err("chmod", &upper))?;
-                let mut lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
+                // A chain may hold one layer several times (two steps that made the same
+                // change). overlayfs refuses a lower dir twice (ELOOP); the topmost copy alone
+                // gives the same tree, since every path the layer names is decided there.
+                let mut seen = std::collections::HashSet::new();
+                let mut lowers: Vec<PathBuf> = dirs
+                    .iter()
+                    .rev()
+                    .filter(|d| seen.insert(d.as_path()))
+                    .cloned()
+                    .collect();
                 if lowers.is_empty() {
                     let empty = snapshot.dir.join("empty");
                     fs::create_dir(&empty).map_err(io_err("create directory", &empty))?;
@@ -619,6 +628,46 @@ mod tests {
     #[test]
     fn copy_step_cycle() {
         step_cycle(SnapshotKind::Copy);
+    }
+
+    /// BuildKit's `testCopyDuplicates`-style chains: the same layer twice, apart or adjacent,
+    /// stacks like applying it twice.
+    #[test]
+    fn a_chain_may_hold_the_same_layer_several_times() {
+        for kind in [SnapshotKind::Overlay, SnapshotKind::Copy] {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = Snapshotter::open(&tmp.path().join("store"), Some(kind)).unwrap();
+            let out = tmp.path().join("blobs");
+            let tree = |name: &str, files: &[(&str, &[u8])]| {
+                let dir = tmp.path().join(name);
+                for (path, data) in files {
+                    write_file(&dir.join(path), data);
+                }
+                set_all_mtimes(&dir, 1_600_000_000);
+                let layer = layer_of_tree(&dir, &out);
+                store.ensure_layer(&layer.path, &layer.diff_id).unwrap();
+                layer.diff_id
+            };
+            let a = tree("a", &[("a", b"from a"), ("shared", b"a")]);
+            let b = tree("b", &[("b", b"from b"), ("shared", b"b")]);
+            let c = tree("c", &[("c", b"from c")]);
+            for chain in [
+                vec![a.clone(), a.clone()],
+                vec![a.clone(), b.clone(), a.clone(), c.clone()],
+            ] {
+                let snap = store.prepare(&chain).unwrap();
+                let root = snap.rootfs();
+                assert_eq!(fs::read(root.join("a")).unwrap(), b"from a", "{kind:?}");
+                assert_eq!(
+                    fs::read(root.join("shared")).unwrap(),
+                    b"a",
+                    "{kind:?}: the upper copy of a decides"
+                );
+                assert_eq!(root.join("b").exists(), chain.contains(&b), "{kind:?}");
+                assert_eq!(root.join("c").exists(), chain.contains(&c), "{kind:?}");
+                assert_eq!(snap.diff(&out, Compression::Gzip).unwrap(), None);
+            }
+        }
     }
 
     #[test]
