@@ -1687,7 +1687,8 @@ mod tests {
 
         // The primary gid always comes first among the additional ones (BuildKit's `id`
         // output: no USER gives `groups=0(root),10(wheel)`, `USER 4242` gives `groups=0(root)`).
-        let cases: [(&str, (u32, u32, &[u32])); 13] = [
+        type Expected = (u32, u32, &'static [u32]);
+        let cases: [(&str, Expected); 13] = [
             ("", (0, 0, &[0, 10])),
             ("root", (0, 0, &[0, 10])),
             ("app", (1000, 1000, &[1000, 2000])),
