@@ -97,3 +97,52 @@ fn identical_layers_may_repeat_in_a_chain() {
     assert_eq!(read(&root.join("adjacent")), "a\n");
     assert_eq!(read(&root.join("apart")), "a\nb\nc\n");
 }
+
+/// The cross-compilation pattern for any target (`testExportMultiPlatform` with platforms no
+/// worker runs): the target-platform stages only copy, so no worker of their platform is
+/// needed; the plan says they run no command.
+#[test]
+fn platforms_whose_stages_run_nothing_need_no_worker_of_theirs() {
+    let f = Fixture::new();
+    f.write(
+        "Dockerfile",
+        "FROM --platform=$BUILDPLATFORM {BUSYBOX} AS build\n\
+         ARG TARGETPLATFORM\n\
+         RUN echo \"built for $TARGETPLATFORM\" > /out\n\
+         FROM scratch\n\
+         COPY --from=build /out /out\n",
+    );
+    let platforms = "linux/arm/v7,linux/arm/v6,darwin/ppc64le";
+    let (root, log) = f.build_local("out", &["--platform", platforms]);
+    for (dir, platform) in [
+        ("linux_arm_v7", "linux/arm/v7"),
+        ("linux_arm_v6", "linux/arm/v6"),
+        ("darwin_ppc64le", "darwin/ppc64le"),
+    ] {
+        assert_eq!(
+            read(&root.join(dir).join("out")),
+            format!("built for {platform}\n"),
+            "{log}"
+        );
+    }
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["plan", "--platform", platforms])
+        .arg(f.ctx.path())
+        .output()
+        .expect("strata plan runs");
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        text.contains("stage-1 [1] darwin/ppc64le")
+            && text.contains("on local (runs no command: any platform)"),
+        "{text}"
+    );
+    // A stage that runs a command still needs a worker of its platform.
+    f.write("Dockerfile", "FROM scratch\nCOPY Dockerfile /\nRUN true\n");
+    let err = f.build_err(&["--platform", "darwin/ppc64le"]);
+    assert!(err.contains("no worker can build darwin/ppc64le"), "{err}");
+}

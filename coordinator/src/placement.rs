@@ -65,6 +65,34 @@ pub fn place(
     }
 }
 
+/// Where a stage of `platform` runs: [`place`] when it runs a command (`executes`); on any
+/// worker otherwise (copying files and pulling images work for any platform), a worker of its
+/// platform first.
+pub fn place_stage(
+    platform: &Platform,
+    executes: bool,
+    workers: &[WorkerInfo],
+    emulation: Emulation,
+) -> Result<Placement, PlacementError> {
+    if executes {
+        return place(platform, workers, emulation);
+    }
+    let worker = workers
+        .iter()
+        .find(|w| w.capabilities.native_for(platform))
+        .or_else(|| workers.first());
+    match worker {
+        Some(w) => Ok(Placement::Anywhere {
+            worker: w.name.clone(),
+        }),
+        None => Err(PlacementError {
+            platform: platform.clone(),
+            reason: "no worker is registered".into(),
+            message: "no worker is registered".into(),
+        }),
+    }
+}
+
 /// Places every stage instance of a plan, recording where each runs, or why it cannot, in
 /// the plan; returns the instances that cannot be placed. A plan is a question: it is
 /// answered for every stage, placeable or not.
@@ -77,14 +105,16 @@ pub fn place_all(
     plan.placements = plan
         .instances
         .iter()
-        .map(|i| match place(&i.platform, workers, emulation) {
-            Ok(p) => p,
-            Err(e) => {
-                let reason = e.reason.clone();
-                errors.push(e);
-                Placement::Unplaceable { reason }
-            }
-        })
+        .map(
+            |i| match place_stage(&i.platform, i.executes, workers, emulation) {
+                Ok(p) => p,
+                Err(e) => {
+                    let reason = e.reason.clone();
+                    errors.push(e);
+                    Placement::Unplaceable { reason }
+                }
+            },
+        )
         .collect();
     errors
 }
@@ -200,7 +230,7 @@ mod tests {
     #[test]
     fn plans_record_where_each_stage_runs() {
         let df = Dockerfile::parse(
-            "FROM --platform=$BUILDPLATFORM scratch AS tools\nFROM scratch\nCOPY --from=tools / /\n",
+            "FROM --platform=$BUILDPLATFORM scratch AS tools\nRUN make\nFROM scratch\nCOPY --from=tools / /\nRUN check\n",
         )
         .unwrap();
         let mut plan = strata_shared::dag::plan(
@@ -235,7 +265,7 @@ mod tests {
     #[test]
     fn a_plan_marks_what_cannot_be_placed_and_keeps_the_rest() {
         let df = Dockerfile::parse(
-            "FROM --platform=$BUILDPLATFORM scratch AS tools\nFROM scratch\nCOPY --from=tools / /\n",
+            "FROM --platform=$BUILDPLATFORM scratch AS tools\nRUN make\nFROM scratch\nCOPY --from=tools / /\nRUN check\n",
         )
         .unwrap();
         let mut plan = strata_shared::dag::plan(

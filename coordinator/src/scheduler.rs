@@ -24,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use strata_shared::platform::{Capabilities, Platform};
 
-use crate::placement::{Emulation, WorkerInfo, place};
+use crate::placement::{Emulation, WorkerInfo, place_stage};
 use crate::state::{BuildId, JobId};
+use strata_shared::dag::Placement;
 
 /// The layers of a parent stage, by its cache key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub struct ReadyJob {
     /// Position in the fair order: lower goes first.
     pub rank: usize,
     pub platform: Platform,
+    /// Whether it runs a command; one that does not may go to any worker.
+    pub executes: bool,
     /// The build's emulation policy.
     pub emulation: Emulation,
     /// The outputs of the stages it builds on.
@@ -111,7 +114,8 @@ pub fn schedule(ready: &[ReadyJob], workers: &[WorkerView]) -> Schedule {
         .map(|w| u64::from(w.capacity.saturating_sub(w.running)))
         .sum();
     // Placement depends only on the platform and the policy: decide once per pair.
-    let mut placements: BTreeMap<(Platform, bool), Result<bool, String>> = BTreeMap::new();
+    let mut placements: BTreeMap<(Platform, bool, bool), Result<Placement, String>> =
+        BTreeMap::new();
 
     let mut order: Vec<&ReadyJob> = ready.iter().collect();
     order.sort_by_key(|j| j.rank);
@@ -120,14 +124,13 @@ pub fn schedule(ready: &[ReadyJob], workers: &[WorkerView]) -> Schedule {
     for job in order {
         let allow = job.emulation == Emulation::Allow;
         let placed = placements
-            .entry((job.platform.clone(), allow))
+            .entry((job.platform.clone(), allow, job.executes))
             .or_insert_with(|| {
-                place(&job.platform, &infos, job.emulation)
-                    .map(|p| p.emulated().unwrap_or_default())
+                place_stage(&job.platform, job.executes, &infos, job.emulation)
                     .map_err(|e| e.message)
             });
-        let emulated = match placed {
-            Ok(emulated) => *emulated,
+        let placement = match placed {
+            Ok(p) => p.clone(),
             Err(message) => {
                 out.unplaceable.push(Unplaceable {
                     job: job.job,
@@ -144,10 +147,10 @@ pub fn schedule(ready: &[ReadyJob], workers: &[WorkerView]) -> Schedule {
         }
         let mut best: Option<(usize, u64)> = None;
         for (i, w) in workers.iter().enumerate() {
-            let eligible = if emulated {
-                w.capabilities.emulated_for(&job.platform)
-            } else {
-                w.capabilities.native_for(&job.platform)
+            let eligible = match &placement {
+                Placement::Anywhere { .. } => true,
+                Placement::On { emulated: true, .. } => w.capabilities.emulated_for(&job.platform),
+                _ => w.capabilities.native_for(&job.platform),
             };
             if !eligible || load[i] >= w.capacity {
                 continue;
@@ -192,7 +195,7 @@ pub fn schedule(ready: &[ReadyJob], workers: &[WorkerView]) -> Schedule {
             job: job.job,
             build: job.build,
             worker: workers[i].name.clone(),
-            emulated,
+            emulated: placement.emulated().unwrap_or_default(),
             locality,
         });
     }
@@ -253,6 +256,7 @@ mod tests {
             tenant: "t".into(),
             rank,
             platform: p(platform),
+            executes: true,
             emulation: Emulation::Allow,
             parents: Vec::new(),
         }
@@ -278,6 +282,22 @@ mod tests {
             "{}",
             s.unplaceable[0].message
         );
+    }
+
+    #[test]
+    fn a_job_that_runs_no_command_goes_to_any_worker() {
+        let workers = [worker("x86", &["linux/amd64"], &[], 8)];
+        let mut copy_only = job(1, 1, "linux/arm/v7", 0);
+        copy_only.executes = false;
+        let s = schedule(&[copy_only, job(2, 1, "linux/arm/v7", 1)], &workers);
+        assert_eq!(placed(&s), [(1, "x86")]);
+        assert!(!s.assignments[0].emulated);
+        assert_eq!(
+            s.unplaceable.len(),
+            1,
+            "the job that runs a command waits for arm"
+        );
+        assert_eq!(s.unplaceable[0].job, JobId(2));
     }
 
     #[test]

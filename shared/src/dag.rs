@@ -40,21 +40,32 @@ pub struct StageInstance {
     pub depends_on: Vec<usize>,
     /// Steps: the base image pull, and each ADD, COPY, RUN and WORKDIR.
     pub steps: usize,
+    /// Whether it runs a command: only then does it need a worker of its platform.
+    pub executes: bool,
 }
 
 /// Where an instance runs: the worker, and whether its platform is emulated there; or why no
 /// worker can run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Placement {
-    On { worker: String, emulated: bool },
-    Unplaceable { reason: String },
+    On {
+        worker: String,
+        emulated: bool,
+    },
+    /// It runs no command: any worker builds it, whatever its platform.
+    Anywhere {
+        worker: String,
+    },
+    Unplaceable {
+        reason: String,
+    },
 }
 
 impl Placement {
     /// The worker it runs on, when placed.
     pub fn worker(&self) -> Option<&str> {
         match self {
-            Placement::On { worker, .. } => Some(worker),
+            Placement::On { worker, .. } | Placement::Anywhere { worker } => Some(worker),
             Placement::Unplaceable { .. } => None,
         }
     }
@@ -63,6 +74,7 @@ impl Placement {
     pub fn emulated(&self) -> Option<bool> {
         match self {
             Placement::On { emulated, .. } => Some(*emulated),
+            Placement::Anywhere { .. } => Some(false),
             Placement::Unplaceable { .. } => None,
         }
     }
@@ -70,7 +82,7 @@ impl Placement {
     /// Why it cannot be placed.
     pub fn unplaceable(&self) -> Option<&str> {
         match self {
-            Placement::On { .. } => None,
+            Placement::On { .. } | Placement::Anywhere { .. } => None,
             Placement::Unplaceable { reason } => Some(reason),
         }
     }
@@ -161,6 +173,7 @@ pub fn plan(
                         base,
                         depends_on: deps,
                         steps: st.steps,
+                        executes: st.executes,
                     });
                     by_key.insert(key, id);
                     id
@@ -233,6 +246,7 @@ impl Plan {
             depends_on: Vec<usize>,
             depends_on_ids: &'a [usize],
             steps: usize,
+            executes: bool,
             #[serde(skip_serializing_if = "Option::is_none")]
             worker: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -275,6 +289,7 @@ impl Plan {
                         .collect(),
                     depends_on_ids: &i.depends_on,
                     steps: i.steps,
+                    executes: i.executes,
                     worker: self.placements.get(i.id).and_then(Placement::worker),
                     emulated: self.placements.get(i.id).and_then(Placement::emulated),
                     unplaceable: self.placements.get(i.id).and_then(Placement::unplaceable),
@@ -318,6 +333,9 @@ impl Plan {
                 Some(Placement::On { worker, emulated }) => {
                     let how = if *emulated { "emulated" } else { "native" };
                     let _ = write!(out, "  on {worker} ({how})");
+                }
+                Some(Placement::Anywhere { worker }) => {
+                    let _ = write!(out, "  on {worker} (runs no command: any platform)");
                 }
                 Some(Placement::Unplaceable { reason }) => {
                     let _ = write!(out, "  unplaceable: {reason}");

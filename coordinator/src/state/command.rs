@@ -418,6 +418,9 @@ pub struct InstanceSummary {
     /// chain the ready order prefers. 0 counts as 1.
     #[serde(default)]
     pub steps: usize,
+    /// Whether it runs a command; one that does not may go to any worker.
+    #[serde(default = "executes_by_default")]
+    pub executes: bool,
     /// Set when the cache already holds the stage's result: the job starts done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached: Option<StageResult>,
@@ -438,6 +441,11 @@ pub struct InstanceSummary {
 pub struct TargetRef {
     pub platform: Platform,
     pub instance: usize,
+}
+
+/// Instances recorded before plans said whether they run a command: assume they do.
+fn executes_by_default() -> bool {
+    true
 }
 
 /// The build platform of a plan recorded before plans carried one: the coordinator's own, as
@@ -461,6 +469,7 @@ impl PlanSummary {
                     targets: i.targets.clone(),
                     depends_on: i.depends_on.clone(),
                     steps: i.steps,
+                    executes: i.executes,
                     cached: None,
                 })
                 .collect(),

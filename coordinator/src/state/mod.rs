@@ -200,6 +200,10 @@ impl BuildStatus {
     }
 }
 
+fn executes_by_default() -> bool {
+    true
+}
+
 /// A failed step's message with its stage and platform at the end of its first line:
 /// the message itself starts with what it is about (`Dockerfile:3: RUN make: exit code 2`),
 /// and the lines after the first (the Dockerfile excerpt, the step's last output) stay as
@@ -234,6 +238,9 @@ pub struct Job {
     /// The stage name, for messages.
     pub name: String,
     pub platform: Platform,
+    /// Whether it runs a command: only then must its worker run its platform.
+    #[serde(default = "executes_by_default")]
+    pub executes: bool,
     /// Jobs it needs (same build).
     pub deps: Vec<JobId>,
     /// Jobs that need it (same build).
@@ -721,6 +728,7 @@ impl StateMachine {
                     instance: inst.id,
                     name: inst.name.clone(),
                     platform: inst.platform.clone(),
+                    executes: inst.executes,
                     deps,
                     dependents,
                     state,
@@ -1018,7 +1026,7 @@ impl StateMachine {
             });
         }
         let caps = &worker.capabilities;
-        if caps.native_for(&job.platform) {
+        if !job.executes || caps.native_for(&job.platform) {
             return Ok(());
         }
         let emulation = self

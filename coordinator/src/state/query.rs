@@ -179,6 +179,7 @@ impl StateMachine {
                     tenant: tenant.to_string(),
                     rank,
                     platform: job.platform.clone(),
+                    executes: job.executes,
                     emulation: build.policy.emulation,
                     parents: self.parent_layers(id),
                 }

@@ -298,6 +298,7 @@ pub(crate) fn run(stages: usize, workers: usize, seed: u64) -> Run {
                 targets: vec![amd64.clone()],
                 depends_on: dag.deps[i].clone(),
                 steps: dag.steps[i],
+                executes: true,
                 cached: None,
             })
             .collect(),

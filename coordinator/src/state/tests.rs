@@ -166,6 +166,7 @@ fn inst(id: usize, name: &str, platform: &str, deps: &[usize]) -> InstanceSummar
         targets: vec![p(platform)],
         depends_on: deps.to_vec(),
         steps: 1,
+        executes: true,
         cached: None,
     }
 }

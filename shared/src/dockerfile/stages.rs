@@ -160,6 +160,9 @@ pub struct ResolvedStage {
     /// Steps BuildKit would number `[n/m]`: pulling the base image, and each ADD, COPY, RUN
     /// and WORKDIR.
     pub steps: usize,
+    /// Whether it runs a command (a RUN): only then does it need a worker that executes its
+    /// platform. Copying files and pulling an image work for any platform.
+    pub executes: bool,
     pub range: Range,
 }
 
@@ -302,6 +305,10 @@ pub fn resolve(
                     )
                 })
                 .count();
+        let executes = st
+            .commands
+            .iter()
+            .any(|c| matches!(c.command, Command::Run(_)));
         stages.push(ResolvedStage {
             index,
             name: st.name.clone(),
@@ -312,6 +319,7 @@ pub fn resolve(
             uses: Vec::new(),
             args: Vec::new(),
             steps,
+            executes,
             range: st.range,
         });
         if let Some(n) = &st.name {
