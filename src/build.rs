@@ -23,7 +23,9 @@ use strata_worker::engine::Engine;
 use strata_worker::hashcache::HashCache;
 use strata_worker::snapshot::SnapshotKind;
 
-use crate::plan::{DockerfileArgs, parse_build_args, parse_platforms, read_dockerfile};
+use crate::plan::{
+    DockerfileArgs, dockerignore_for, parse_build_args, parse_platforms, read_dockerfile,
+};
 use crate::progress;
 
 #[derive(Debug, Args)]
@@ -251,6 +253,7 @@ pub fn run(args: BuildArgs) -> Result<()> {
 async fn build(args: BuildArgs) -> Result<()> {
     let (file_name, dockerfile) =
         read_dockerfile(&args.dockerfile.context, args.dockerfile.file.as_deref())?;
+    let dockerignore = dockerignore_for(&file_name)?;
     // Errors name the Dockerfile as BuildKit does: by its file name.
     let short_name = Path::new(&file_name)
         .file_name()
@@ -280,7 +283,7 @@ async fn build(args: BuildArgs) -> Result<()> {
     if !args.coordinator.is_empty() {
         return build_remote(
             args,
-            (short_name, dockerfile),
+            (short_name, dockerfile, dockerignore),
             context,
             tags,
             outputs,
@@ -313,6 +316,7 @@ async fn build(args: BuildArgs) -> Result<()> {
             .into_iter()
             .map(|(id, path)| (id, path.to_string_lossy().into_owned()))
             .collect(),
+        dockerignore,
         options: BuildOptions {
             build_args: parse_build_args(&args.dockerfile.build_args)?,
             target: args.dockerfile.target.clone(),
@@ -392,7 +396,7 @@ fn check_plan(request: &BuildRequest) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 async fn build_remote(
     args: BuildArgs,
-    (dockerfile_name, dockerfile): (String, String),
+    (dockerfile_name, dockerfile, dockerignore): (String, String, Option<String>),
     context: PathBuf,
     tags: Vec<ImageRef>,
     outputs: Vec<Output>,
@@ -424,6 +428,7 @@ async fn build_remote(
         dockerfile,
         context: JobContext::None,
         secrets: BTreeMap::new(),
+        dockerignore: dockerignore.clone(),
         options: BuildOptions {
             build_args: parse_build_args(&args.dockerfile.build_args)?,
             target: args.dockerfile.target.clone(),
@@ -439,9 +444,13 @@ async fn build_remote(
             .map_err(|e: String| anyhow!("--emulation: {e}"))?,
         tenant: args.tenant.clone(),
     };
-    let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {
-        Ok(text) => Some(DockerIgnore::parse(&text).map_err(|e| anyhow!(".dockerignore: {e}"))?),
-        Err(_) => None,
+    let ignore_text = match dockerignore {
+        Some(text) => Some(text),
+        None => std::fs::read_to_string(context.join(".dockerignore")).ok(),
+    };
+    let ignore = match ignore_text {
+        Some(text) => Some(DockerIgnore::parse(&text).map_err(|e| anyhow!(".dockerignore: {e}"))?),
+        None => None,
     };
     let hashes = Arc::new(HashCache::load(&state.join("client-file-hashes")));
     let (progress, rx) = Progress::channel();

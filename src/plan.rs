@@ -52,7 +52,8 @@ enum Format {
     Dot,
 }
 
-/// Reads the Dockerfile named by `-f`/the context, returning its display name and text.
+/// Reads the Dockerfile named by `-f`/the context, returning its display name and text. With no
+/// `-f`, the context's `Dockerfile`, else its `dockerfile` (BuildKit's fallback).
 pub fn read_dockerfile(context: &Path, file: Option<&Path>) -> Result<(String, String)> {
     let path = match file {
         Some(p) if p == Path::new("-") => {
@@ -63,13 +64,36 @@ pub fn read_dockerfile(context: &Path, file: Option<&Path>) -> Result<(String, S
             return Ok(("<stdin>".into(), s));
         }
         Some(p) => p.to_path_buf(),
-        None => context.join("Dockerfile"),
+        None => {
+            let upper = context.join("Dockerfile");
+            let lower = context.join("dockerfile");
+            if !upper.exists() && lower.exists() {
+                lower
+            } else {
+                upper
+            }
+        }
     };
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok((
         path.display().to_string(),
         String::from_utf8_lossy(&bytes).into_owned(),
     ))
+}
+
+/// The ignore file named after the Dockerfile at `dockerfile` (`Dockerfile.dockerignore`
+/// beside it), which BuildKit prefers to the context's `.dockerignore`; `None` when there is
+/// none (or the Dockerfile came from standard input).
+pub fn dockerignore_for(dockerfile: &str) -> Result<Option<String>> {
+    if dockerfile == "<stdin>" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(format!("{dockerfile}.dockerignore"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("reading {}: {e}", path.display())),
+    }
 }
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment and is skipped when

@@ -146,3 +146,54 @@ fn platforms_whose_stages_run_nothing_need_no_worker_of_theirs() {
     let err = f.build_err(&["--platform", "darwin/ppc64le"]);
     assert!(err.contains("no worker can build darwin/ppc64le"), "{err}");
 }
+
+/// `testCopyWildcards` / `testAddMultipleFiles`: one wildcard argument is one source, whatever
+/// it matches, so a destination without a slash takes its matches as a directory.
+#[test]
+fn one_wildcard_argument_may_match_several_files() {
+    let f = Fixture::new();
+    f.write("foo.txt", "foo\n");
+    f.write("bar.txt", "bar\n");
+    f.write("one.md", "one\n");
+    for (dir, file) in [("ta", "a"), ("tb", "b")] {
+        f.write(&format!("{dir}/{file}"), &format!("{file}\n"));
+        let status = std::process::Command::new("tar")
+            .args(["-cf", &format!("{dir}.tar"), "-C", dir, file])
+            .current_dir(f.ctx.path())
+            .status()
+            .expect("tar runs");
+        assert!(status.success());
+    }
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\nCOPY *.txt /dest\nCOPY *.md /single\nADD *.tar /tars\n",
+    );
+    let (root, _) = f.build_local("rootfs", &[]);
+    assert_eq!(read(&root.join("dest/foo.txt")), "foo\n");
+    assert_eq!(read(&root.join("dest/bar.txt")), "bar\n");
+    assert_eq!(read(&root.join("single")), "one\n");
+    assert_eq!(read(&root.join("tars/a")), "a\n");
+    assert_eq!(read(&root.join("tars/b")), "b\n");
+}
+
+/// `testDockerfileDockerignore...`: an ignore file named after the Dockerfile wins over the
+/// context's `.dockerignore`; a context with a lowercase `dockerfile` is built from it.
+#[test]
+fn the_dockerfiles_own_ignore_file_wins_and_lowercase_dockerfile_is_found() {
+    let f = Fixture::new();
+    f.write("a.txt", "a\n");
+    f.write("b.txt", "b\n");
+    f.write(".dockerignore", "b.txt\n");
+    f.write("Dockerfile.dockerignore", "a.txt\n");
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\nCOPY . /ctx\nRUN ls /ctx | grep txt > /listed\n",
+    );
+    let (root, _) = f.build_local("rootfs", &[]);
+    assert_eq!(read(&root.join("listed")), "b.txt\n");
+
+    let g = Fixture::new();
+    g.write("dockerfile", "FROM {BUSYBOX}\nRUN echo lower > /which\n");
+    let (root, _) = g.build_local("rootfs", &[]);
+    assert_eq!(read(&root.join("which")), "lower\n");
+}

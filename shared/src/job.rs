@@ -40,6 +40,9 @@ pub struct BuildRequest {
     /// `--secret`: secret id to the file holding it. Only the embedded client, whose worker
     /// is on the same machine, may send secrets.
     pub secrets: BTreeMap<String, String>,
+    /// The ignore file named after the Dockerfile (`Dockerfile.dockerignore`, beside it), which
+    /// takes precedence over the context's `.dockerignore`, as BuildKit reads it.
+    pub dockerignore: Option<String>,
     pub options: BuildOptions,
     /// Target platforms, at least one.
     pub platforms: Vec<Platform>,
@@ -95,6 +98,15 @@ impl BuildRequest {
                     "a client may not name a directory of the cluster's machines ({dir}): upload the context"
                 ));
             }
+        }
+        if self
+            .dockerignore
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DOCKERFILE_BYTES)
+        {
+            return Err(format!(
+                "the ignore file is larger than {MAX_DOCKERFILE_BYTES} bytes"
+            ));
         }
         if !self.secrets.is_empty() && !in_process {
             return Err(
@@ -244,6 +256,9 @@ pub struct StageJob {
     /// `--secret id=..,src=..`: secret id to the file holding it, on the worker's machine
     /// (embedded builds only: secrets never travel to a cluster).
     pub secrets: BTreeMap<String, String>,
+    /// The ignore file named after the Dockerfile, when there is one; otherwise the context's
+    /// `.dockerignore` applies.
+    pub dockerignore: Option<String>,
     /// `--allow network.host`.
     pub allow_host_network: bool,
     pub compression: Compression,

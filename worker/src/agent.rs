@@ -1265,6 +1265,7 @@ mod tests {
             show_platform: false,
             no_cache: false,
             secrets: Default::default(),
+            dockerignore: None,
             allow_host_network: false,
             compression: Default::default(),
         }

@@ -1225,6 +1225,9 @@ enum Item {
 #[derive(Debug)]
 struct Plan {
     items: Vec<Item>,
+    /// The destination is a directory the items go into (its spelling says so, or one
+    /// wildcard matched several sources).
+    dest_is_dir: bool,
     chmod: Option<Chmod>,
     /// The owner of everything copied; `None` keeps each source's.
     owner: Option<Owner>,
@@ -1340,13 +1343,16 @@ fn build_plan(
             content: content.clone(),
         });
     }
+    // BuildKit counts the source arguments, not what they match: one wildcard that matches
+    // several files copies them into the destination as a directory.
     let (_, dir_shaped) = dest_path(spec);
-    if !spec.parents && items.len() > 1 && !dir_shaped {
+    if !spec.parents && spec.sources.len() + spec.inline.len() > 1 && !dir_shaped {
         return Err(CopyError::DestinationNotDirectory {
             instruction: instruction(spec),
         });
     }
     Ok(Plan {
+        dest_is_dir: dir_shaped || items.len() > 1,
         items,
         chmod,
         owner: match (spec.chown, spec.keep_owners) {
@@ -2108,8 +2114,8 @@ pub fn copy_into(
             path: dst_root.to_path_buf(),
         });
     }
-    let (dest, dir_shaped) = dest_path(spec);
-    let ensure = if dir_shaped {
+    let (dest, _) = dest_path(spec);
+    let ensure = if plan.dest_is_dir {
         dest.clone()
     } else {
         dir_of(&dest)
@@ -2866,13 +2872,16 @@ mod tests {
             err.to_string(),
             "When using COPY with more than one source file, the destination must be a directory and end with a /"
         );
-        let err = copy(&ctx, &dst, &spec(&["*.txt"], "/dest")).unwrap_err();
-        assert!(matches!(
-            err,
-            CopyError::DestinationNotDirectory {
-                instruction: "COPY"
-            }
-        ));
+        // One wildcard argument is one source, whatever it matches (BuildKit's
+        // `testCopyWildcards`): its matches go into the destination as a directory.
+        copy(&ctx, &dst, &spec(&["*.txt"], "/globbed")).unwrap();
+        assert!(exists(dst.path(), "globbed/a.txt") && exists(dst.path(), "globbed/b.txt"));
+        copy(&ctx, &dst, &spec(&["a.*"], "/single")).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.path().join("single")).unwrap(),
+            "A",
+            "one match is copied to the destination itself"
+        );
         let mut add = spec(&["a.txt"], "/dest");
         add.is_add = true;
         add.inline = vec![("f".into(), b"x".to_vec())];

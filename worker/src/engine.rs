@@ -1034,7 +1034,7 @@ impl StageCtx<'_> {
                     let source = m.source.clone().unwrap_or_else(|| "/".into());
                     let (root, key_part) = match &m.from {
                         None => {
-                            let ignore = read_dockerignore(&self.job.context_dir()?)?;
+                            let ignore = read_dockerignore(self.job)?;
                             let spec = CopySpec {
                                 sources: vec![source.clone()],
                                 dest: "/".into(),
@@ -1145,7 +1145,7 @@ impl StageCtx<'_> {
         let mut source_layers = Vec::new();
         let source_key = match &from {
             None => {
-                let ignore = read_dockerignore(&self.job.context_dir()?)?;
+                let ignore = read_dockerignore(self.job)?;
                 if spec.is_add && spec.has_urls() {
                     let dir = self.engine.dirs.tmp.join(self.engine.unique("add"));
                     std::fs::create_dir_all(&dir).map_err(|e| io(dir.display(), e))?;
@@ -1421,8 +1421,15 @@ impl Drop for TempDir {
 }
 
 /// The context's `.dockerignore`, if it has one.
-fn read_dockerignore(context: &Path) -> Result<Option<DockerIgnore>, BuildError> {
-    let path = context.join(".dockerignore");
+/// The ignore rules of a job: the ignore file named after its Dockerfile when the client sent
+/// one, else the context's `.dockerignore`.
+fn read_dockerignore(job: &StageJob) -> Result<Option<DockerIgnore>, BuildError> {
+    if let Some(text) = &job.dockerignore {
+        return DockerIgnore::parse(text)
+            .map(Some)
+            .map_err(|e| BuildError::Other(format!("{}.dockerignore: {e}", job.dockerfile_name)));
+    }
+    let path = job.context_dir()?.join(".dockerignore");
     match std::fs::read_to_string(&path) {
         Ok(text) => DockerIgnore::parse(&text)
             .map(Some)

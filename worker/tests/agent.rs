@@ -401,6 +401,7 @@ impl Setup {
             show_platform: false,
             no_cache: false,
             secrets: BTreeMap::new(),
+            dockerignore: None,
             allow_host_network: false,
             compression: Compression::Gzip,
         }
@@ -424,6 +425,7 @@ fn hanging_job(registry: SocketAddr) -> StageJob {
         show_platform: false,
         no_cache: false,
         secrets: BTreeMap::new(),
+        dockerignore: None,
         allow_host_network: false,
         compression: Compression::Gzip,
     }

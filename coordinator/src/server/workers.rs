@@ -298,6 +298,7 @@ pub(super) async fn offer(shared: &Shared, lease: state::GrantedLease) {
                 show_platform: req.platforms.len() > 1,
                 no_cache: req.no_cache,
                 secrets: req.secrets.clone(),
+                dockerignore: req.dockerignore.clone(),
                 allow_host_network: req.allow_host_network,
                 compression: req.compression,
             };

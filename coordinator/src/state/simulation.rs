@@ -203,6 +203,7 @@ pub fn request() -> BuildRequest {
         dockerfile_name: "Dockerfile".into(),
         context: Default::default(),
         secrets: Default::default(),
+        dockerignore: None,
         options: Default::default(),
         platforms: vec![Platform::new("linux", "amd64", "")],
         no_cache: false,

@@ -181,6 +181,7 @@ pub(crate) fn sample_job() -> crate::job::StageJob {
         show_platform: true,
         no_cache: false,
         secrets: Default::default(),
+        dockerignore: Some("*.log\n!keep.log\n".into()),
         allow_host_network: false,
         compression: crate::job::Compression::Zstd,
     }
@@ -193,6 +194,7 @@ pub(crate) fn sample_request() -> crate::job::BuildRequest {
         dockerfile_name: "Dockerfile".into(),
         context: crate::job::JobContext::Store("e".repeat(64)),
         secrets: Default::default(),
+        dockerignore: None,
         options: Default::default(),
         platforms: vec![platform("linux/amd64"), platform("linux/arm64")],
         no_cache: true,
