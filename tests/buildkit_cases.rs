@@ -197,3 +197,40 @@ fn the_dockerfiles_own_ignore_file_wins_and_lowercase_dockerfile_is_found() {
     let (root, _) = g.build_local("rootfs", &[]);
     assert_eq!(read(&root.join("which")), "lower\n");
 }
+
+/// `testEmptyWorkdir` / `testScratchImage`: an image built from scratch has `/` as its working
+/// directory. `testMountTypeVariable`-style: a mount's type may be a variable. The
+/// suggestions BuildKit gives for a lowercase instruction and a mount type.
+#[test]
+fn scratch_has_a_working_directory_mount_types_expand_and_typos_get_suggestions() {
+    let f = Fixture::new();
+    f.write("file", "x\n");
+    f.write("Dockerfile", "FROM scratch\nCOPY file /file\n");
+    let oci = f.out("scratch.tar");
+    f.build_ok(&["--output", &format!("type=oci,dest={}", oci.display())]);
+    let config = crate::fixture::oci_config(&oci);
+    assert_eq!(config["config"]["WorkingDir"], "/", "{config}");
+
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\nARG MNT_TYPE=tmpfs\n\
+         RUN --mount=type=$MNT_TYPE,target=/scratch touch /scratch/x && grep -q ' /scratch tmpfs ' /proc/mounts\n",
+    );
+    f.build_ok(&[]);
+
+    f.write("Dockerfile", "FROM {BUSYBOX}\nfoo bar\n");
+    let err = f.build_err(&[]);
+    assert!(
+        err.contains("unknown instruction \"foo\" (did you mean from?)"),
+        "{err}"
+    );
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX}\nRUN --mount=type=tmp,target=/t true\n",
+    );
+    let err = f.build_err(&[]);
+    assert!(
+        err.contains("unsupported mount type \"tmp\" (did you mean tmpfs?)"),
+        "{err}"
+    );
+}

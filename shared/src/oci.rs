@@ -276,7 +276,8 @@ pub struct ImageConfig {
 }
 
 impl ImageConfig {
-    /// The config of `scratch` for a platform: no layers, and BuildKit's default `PATH`.
+    /// The config of `scratch` for a platform, as BuildKit's `emptyImage` makes it: no layers,
+    /// the default `PATH`, and `/` as the working directory.
     pub fn empty(platform: &Platform) -> Self {
         ImageConfig {
             architecture: platform.architecture.clone(),
@@ -284,6 +285,7 @@ impl ImageConfig {
             variant: platform.variant.clone(),
             config: RunConfig {
                 env: vec![format!("PATH={DEFAULT_PATH}")],
+                working_dir: "/".into(),
                 ..Default::default()
             },
             ..Default::default()

@@ -1842,9 +1842,12 @@ mod tests {
             &f,
             &sh(
                 &f,
-                "nc -l -p 7777 > /tmp-received & \
+                // The server's stdin stays open (a pipe from `sleep`): busybox nc may stop
+                // reading its socket once its stdin ends. The file is polled instead.
+                "sleep 30 | nc -l -p 7777 > /tmp-received & \
                  for i in $(seq 100); do echo hello | nc 127.0.0.1 7777 2>/dev/null && break; sleep 0.1; done; \
-                 wait; cat /tmp-received",
+                 for i in $(seq 100); do [ -s /tmp-received ] && break; sleep 0.1; done; \
+                 cat /tmp-received",
             ),
         );
         assert_eq!((code, out.as_str()), (0, "hello\n"));

@@ -162,6 +162,10 @@ pub struct Mount {
     pub size: Option<u64>,
     /// Environment variable a secret is exposed as.
     pub env: Option<String>,
+    /// The flag as written, when its `type` names a variable (`type=$MNT_TYPE`): what the
+    /// type allows is only known once the variables are, so the whole flag is parsed again
+    /// then ([`expand_deferred_mount`]). Until then only `from` is read (for the stage graph).
+    pub deferred: Option<String>,
 }
 
 /// `RUN --network`.
@@ -555,10 +559,15 @@ pub fn parse_command(node: &Node) -> Result<Command, String> {
     Ok(command)
 }
 
-/// `unknown instruction "RUNN" (did you mean RUN?)`.
+/// `unknown instruction "RUNN" (did you mean RUN?)`; the suggestion is written in the case
+/// the instruction was (`foo` suggests `from`).
 pub fn unknown_instruction(keyword: &str) -> String {
     let upper = keyword.to_ascii_uppercase();
     match suggest(&upper, KEYWORDS.iter().copied()) {
+        Some(s) if keyword.chars().all(|c| !c.is_ascii_uppercase()) => format!(
+            "unknown instruction {keyword:?} (did you mean {}?)",
+            s.to_ascii_lowercase()
+        ),
         Some(s) => format!("unknown instruction {keyword:?} (did you mean {s}?)"),
         None => format!("unknown instruction {keyword:?}"),
     }
@@ -767,6 +776,19 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
 /// Parses one `--mount=` value: comma-separated `key=value` fields (CSV quoting allowed).
 pub fn parse_mount(value: &str) -> Result<Mount, String> {
     let fields = csv_fields(value).map_err(|e| format!("failed to parse csv mounts: {e}"))?;
+    let field_value = |name: &str| {
+        fields.iter().find_map(|f| {
+            let (k, v) = f.split_once('=')?;
+            k.eq_ignore_ascii_case(name).then_some(v)
+        })
+    };
+    if field_value("type").is_some_and(|t| t.contains('$')) {
+        return Ok(Mount {
+            from: field_value("from").map(str::to_string),
+            deferred: Some(value.to_string()),
+            ..parse_mount("type=bind")?
+        });
+    }
     let mut m = Mount {
         kind: MountType::Bind,
         from: None,
@@ -781,6 +803,7 @@ pub fn parse_mount(value: &str) -> Result<Mount, String> {
         gid: None,
         size: None,
         env: None,
+        deferred: None,
     };
     let mut ro_auto = true;
     let mut sharing_set = false;
@@ -999,6 +1022,28 @@ fn parse_ram_size(v: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
+/// Parses a mount whose type named a variable, once the variables are known: every field's
+/// value goes through `expand`, then the flag is parsed as if written so.
+pub fn expand_deferred_mount(
+    raw: &str,
+    mut expand: impl FnMut(&str) -> Result<String, String>,
+) -> Result<Mount, String> {
+    let fields = csv_fields(raw).map_err(|e| format!("failed to parse csv mounts: {e}"))?;
+    let mut rebuilt = Vec::with_capacity(fields.len());
+    for field in fields {
+        let field = match field.split_once('=') {
+            Some((k, v)) => format!("{k}={}", expand(v)?),
+            None => field,
+        };
+        rebuilt.push(if field.contains([',', '"']) {
+            format!("\"{}\"", field.replace('"', "\"\""))
+        } else {
+            field
+        });
+    }
+    parse_mount(&rebuilt.join(","))
+}
+
 /// Splits one CSV record: fields separated by commas, `"` quotes a field (`""` is a quote).
 fn csv_fields(s: &str) -> Result<Vec<String>, String> {
     let mut fields = Vec::new();
@@ -1214,6 +1259,15 @@ mod tests {
             parse_mount("type=cache,traget=/a")
                 .unwrap_err()
                 .contains("did you mean target?")
+        );
+        assert!(
+            parse_mount("type=tmp,target=/t")
+                .unwrap_err()
+                .contains("unsupported mount type \"tmp\" (did you mean tmpfs?)")
+        );
+        assert_eq!(
+            unknown_instruction("foo"),
+            "unknown instruction \"foo\" (did you mean from?)"
         );
         // No target: joined to the working directory when the step runs, as BuildKit does.
         assert_eq!(parse_mount("type=cache").unwrap().target, None);

@@ -83,14 +83,18 @@ impl From<parser::ParseError> for FrontendError {
 }
 
 /// The candidate closest to `word` by edit distance (case-insensitive), if it is close enough
-/// to be a likely typo.
+/// to be a likely typo: at most half the candidate's length away (at least one edit), as
+/// BuildKit's suggestions go (`foo` suggests `from`, `tmp` suggests `tmpfs`).
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let word = word.to_lowercase();
-    let max = (word.chars().count() / 3).max(1);
+    if word.is_empty() {
+        return None;
+    }
     candidates
         .into_iter()
+        .filter(|c| !c.is_empty())
         .map(|c| (edit_distance(&word, &c.to_lowercase()), c))
-        .filter(|&(d, c)| d <= max && !c.is_empty())
+        .filter(|&(d, c)| d <= (c.chars().count() / 2).max(1))
         .min_by_key(|&(d, _)| d)
         .map(|(_, c)| c)
 }
@@ -173,6 +177,13 @@ mod tests {
         assert_eq!(suggest("RUNN", ["RUN", "ARG"]), Some("RUN"));
         assert_eq!(suggest("COPPY", ["COPY", "CMD"]), Some("COPY"));
         assert_eq!(suggest("XYZZY", ["RUN"]), None);
+        // BuildKit's: a short word that is most of a keyword.
+        assert_eq!(suggest("foo", ["FROM", "RUN", "COPY"]), Some("FROM"));
+        assert_eq!(
+            suggest("tmp", ["bind", "cache", "tmpfs", "secret", "ssh"]),
+            Some("tmpfs")
+        );
+        assert_eq!(suggest("", ["RUN"]), None);
     }
 
     #[test]

@@ -664,6 +664,10 @@ impl Scope {
     }
 
     fn expand_mount(&self, m: &mut Mount) -> Result<(), String> {
+        if let Some(raw) = m.deferred.take() {
+            *m = crate::dockerfile::instructions::expand_deferred_mount(&raw, |v| self.word(v))?;
+            return Ok(());
+        }
         m.source = self.opt_word(&m.source)?;
         m.target = self.opt_word(&m.target)?;
         m.id = self.opt_word(&m.id)?;
@@ -982,6 +986,41 @@ RAW
         assert!(res("FROM a AS x\nCOPY --from=y / /\nFROM b AS y\n", &[], None).is_ok());
         let e = res("FROM a\nCOPY --from=5 / /\n", &[], None).unwrap_err();
         assert!(e.message.contains("invalid stage index 5"), "{e}");
+    }
+
+    /// BuildKit's `testMountTypeVariable`-style case: a mount whose type is a variable is
+    /// parsed once the variable is known, every field expanded.
+    #[test]
+    fn mount_types_may_be_variables() {
+        let src = "FROM a AS src\nFROM b\nARG MNT_TYPE=cache\nARG T=/c\n\
+                   RUN --mount=type=$MNT_TYPE,id=my-$MNT_TYPE,target=$T,from=src make\n";
+        let cmds = &expand_all(src, &[])[&1];
+        let Command::Run(r) = &cmds[2] else {
+            panic!("{cmds:?}")
+        };
+        let m = &r.mounts[0];
+        assert_eq!(m.kind, crate::dockerfile::instructions::MountType::Cache);
+        assert_eq!(m.id.as_deref(), Some("my-cache"));
+        assert_eq!(m.target.as_deref(), Some("/c"));
+        assert_eq!(m.from.as_deref(), Some("src"));
+        assert!(m.deferred.is_none());
+        // The stage graph sees the mount's source before the type is known.
+        let r = res(src, &[], None).unwrap();
+        assert_eq!(r.stages[1].uses.len(), 1);
+        // An unknown type is still refused, with the suggestion, once known.
+        let df = Dockerfile::parse(
+            "FROM b\nARG MNT_TYPE=tmp\nRUN --mount=type=$MNT_TYPE,target=/t true\n",
+        )
+        .unwrap();
+        let p = Platform::host();
+        let opts = BuildOptions::default();
+        let r = resolve(&df, &opts, &p, &p).unwrap();
+        let err = expanded_stages(&df, &r, &opts).unwrap_err();
+        assert!(
+            err.message
+                .contains("unsupported mount type \"tmp\" (did you mean tmpfs?)"),
+            "{err}"
+        );
     }
 
     #[test]
