@@ -234,3 +234,46 @@ fn scratch_has_a_working_directory_mount_types_expand_and_typos_get_suggestions(
         "{err}"
     );
 }
+
+/// `testProxyEnv` (proxy build arguments reach RUN undeclared and stay out of the image),
+/// `testHostnameArg`-style (`BUILDKIT_SANDBOX_HOSTNAME` names RUN's host), and
+/// `testOnBuildHeredoc` (a heredoc is part of its ONBUILD trigger).
+#[test]
+fn proxies_hostname_and_onbuild_heredocs() {
+    let f = Fixture::new();
+    f.write(
+        "Dockerfile",
+        "FROM {BUSYBOX} AS base\n\
+         ONBUILD RUN <<EOF\n\
+         echo from-trigger > /triggered\n\
+         echo second line >> /triggered\n\
+         EOF\n\
+         FROM base\n\
+         RUN env | grep -i _proxy | sort > /proxies && hostname > /hostname \\\n \
+         && grep -c ' farm-host$' /etc/hosts > /hosts\n",
+    );
+    let oci = f.out("img.tar");
+    let (root, _) = f.build_local(
+        "rootfs",
+        &[
+            "--build-arg",
+            "HTTP_PROXY=http://proxy.example:3128",
+            "--build-arg",
+            "no_proxy=localhost",
+            "--build-arg",
+            "BUILDKIT_SANDBOX_HOSTNAME=farm-host",
+            "--output",
+            &format!("type=oci,dest={}", oci.display()),
+        ],
+    );
+    assert_eq!(
+        read(&root.join("proxies")),
+        "HTTP_PROXY=http://proxy.example:3128\nno_proxy=localhost\n"
+    );
+    assert_eq!(read(&root.join("hostname")), "farm-host\n");
+    assert_eq!(read(&root.join("hosts")), "1\n");
+    assert_eq!(read(&root.join("triggered")), "from-trigger\nsecond line\n");
+    let config = crate::fixture::oci_config(&oci);
+    let text = config.to_string();
+    assert!(!text.contains("proxy.example"), "{text}");
+}

@@ -830,6 +830,21 @@ impl StageCtx<'_> {
                 blake3::hash(data.as_bytes()).to_hex()
             ));
         }
+        // `BUILDKIT_SANDBOX_HOSTNAME` names the step's host, as in BuildKit.
+        let hostname = self
+            .job
+            .options
+            .build_args
+            .get("BUILDKIT_SANDBOX_HOSTNAME")
+            .filter(|h| !h.is_empty())
+            .cloned();
+        if let Some(h) = &hostname
+            && !valid_hostname(h)
+        {
+            return Err(fail(format!(
+                "BUILDKIT_SANDBOX_HOSTNAME={h:?} is not a valid host name"
+            )));
+        }
         let mut kb = KeyBuilder::new("run", state.key, &self.platform);
         kb.list("args", &args)
             .list("env", &env)
@@ -837,6 +852,9 @@ impl StageCtx<'_> {
             .field("cwd", &workdir)
             .field("network", &format!("{network:?}"))
             .list("mounts", &mounts.key_parts);
+        if let Some(h) = &hostname {
+            kb.field("hostname", h);
+        }
         let key = kb.finish();
         if let Some(entry) = self.cached(&key).await? {
             self.apply_cached(entry, state, key, history);
@@ -852,6 +870,17 @@ impl StageCtx<'_> {
         tracing::debug!(elapsed = ?preparing.elapsed(), layers = state.layers.len(), "snapshot prepared");
         let mut process_env = env;
         process_env.append(&mut mounts.env);
+        // Proxy settings given as build arguments reach every RUN without being declared, and
+        // stay out of the cache key, the config and the history (BuildKit's `WithProxy`).
+        for name in PROXY_ARGS {
+            if let Some(value) = self.job.options.build_args.get(name)
+                && !process_env
+                    .iter()
+                    .any(|e| e.split_once('=').is_some_and(|(k, _)| k == name))
+            {
+                process_env.push(format!("{name}={value}"));
+            }
+        }
         let req = RunRequest {
             rootfs: snap.rootfs().to_path_buf(),
             process: ProcessSpec {
@@ -859,7 +888,7 @@ impl StageCtx<'_> {
                 env: process_env,
                 cwd: workdir,
                 user,
-                hostname: "buildkitsandbox".into(),
+                hostname: hostname.unwrap_or_else(|| "buildkitsandbox".into()),
             },
             mounts: std::mem::take(&mut mounts.mounts),
             network,
@@ -1437,6 +1466,35 @@ fn read_dockerignore(job: &StageJob) -> Result<Option<DockerIgnore>, BuildError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io(path.display(), e)),
     }
+}
+
+/// The build arguments every RUN gets without declaring them: proxy settings.
+const PROXY_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// An RFC 1123 host name: dot-separated labels of letters, digits and `-`, 1 to 63 bytes each,
+/// not starting or ending with `-`, 253 bytes in all at most.
+fn valid_hostname(h: &str) -> bool {
+    h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// The text of a RUN for progress lines.

@@ -429,11 +429,23 @@ pub fn parse_command(node: &Node) -> Result<Command, String> {
             // The sub-instruction must itself be valid.
             parse_command(sub)?;
             let original = node.original.trim_start();
-            let expression = original
+            let mut expression = original
                 .get(..7)
                 .filter(|k| k.eq_ignore_ascii_case("onbuild"))
-                .map_or(original, |_| original[7..].trim_start());
-            Command::Onbuild(expression.to_string())
+                .map_or(original, |_| original[7..].trim_start())
+                .to_string();
+            // A trigger with heredocs keeps them: the child parses the whole instruction.
+            for doc in &node.heredocs {
+                if !expression.ends_with('\n') {
+                    expression.push('\n');
+                }
+                expression.push_str(&doc.content);
+                if !doc.content.is_empty() && !doc.content.ends_with('\n') {
+                    expression.push('\n');
+                }
+                expression.push_str(&doc.name);
+            }
+            Command::Onbuild(expression)
         }
         "WORKDIR" => {
             flags.finish()?;
@@ -1326,6 +1338,17 @@ mod tests {
             panic!()
         };
         assert_eq!(o, "RUN echo hi");
+        // A heredoc is part of its trigger (BuildKit's `testOnBuildHeredoc`).
+        let p = stages("FROM a\nONBUILD RUN <<EOF\necho one\necho two\nEOF\nRUN true\n").unwrap();
+        let Command::Onbuild(o) = &p.stages[0].commands[0].command else {
+            panic!("{:?}", p.stages[0].commands)
+        };
+        assert_eq!(o, "RUN <<EOF\necho one\necho two\nEOF");
+        let trigger = crate::dockerfile::parser::parse(o).unwrap();
+        assert_eq!(
+            trigger.children[0].heredocs[0].content,
+            "echo one\necho two\n"
+        );
         assert!(stages("FROM a\nONBUILD ONBUILD RUN x\n").is_err());
         assert!(stages("FROM a\nONBUILD FROM b\n").is_err());
     }
