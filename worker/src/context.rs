@@ -57,6 +57,68 @@ pub enum EntryKind {
     Symlink,
 }
 
+/// The longest path a manifest entry may have.
+const MAX_PATH: usize = 4096;
+
+impl ContextManifest {
+    /// Reads a manifest as stored, trusting nothing in it: the version is this code's; every
+    /// path is relative and made of plain names; each path appears once; an entry's parent,
+    /// when it has one, is a directory listed before it (so nothing is ever written through a
+    /// symlink or below a file); files name a blake3 key, symlinks a target; modes and times
+    /// are in range.
+    pub fn decode(bytes: &[u8]) -> Result<ContextManifest, String> {
+        let manifest: ContextManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if manifest.version != MANIFEST_VERSION {
+            return Err(format!("unknown version {}", manifest.version));
+        }
+        let mut seen: std::collections::HashMap<&str, EntryKind> = Default::default();
+        for e in &manifest.entries {
+            let bad = |why: &str| Err(format!("entry {:?}: {why}", e.path));
+            if e.path.is_empty() || e.path.len() > MAX_PATH || e.path.contains('\0') {
+                return bad("not a path");
+            }
+            if e.path
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            {
+                return bad("the path leaves the context or is not plain");
+            }
+            if let Some((parent, _)) = e.path.rsplit_once('/') {
+                match seen.get(parent) {
+                    Some(EntryKind::Dir) => {}
+                    Some(_) => return bad("its parent is not a directory"),
+                    None => return bad("its parent is not listed before it"),
+                }
+            }
+            if seen.insert(&e.path, e.kind).is_some() {
+                return bad("listed twice");
+            }
+            if e.mode > 0o7777 || !(0..1_000_000_000).contains(&e.mtime_nsec) {
+                return bad("mode or time out of range");
+            }
+            let key_ok = |k: &Option<String>| {
+                k.as_deref().is_some_and(|k| {
+                    k.len() == 64 && k.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                })
+            };
+            match e.kind {
+                EntryKind::File if !key_ok(&e.blake3) => {
+                    return bad("a file without a content key");
+                }
+                EntryKind::Symlink
+                    if e.target
+                        .as_deref()
+                        .is_none_or(|t| t.is_empty() || t.contains('\0')) =>
+                {
+                    return bad("a symlink without a target");
+                }
+                _ => {}
+            }
+        }
+        Ok(manifest)
+    }
+}
+
 /// What an upload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uploaded {
@@ -244,17 +306,10 @@ pub async fn materialize(
         return Ok(dest);
     }
     let bytes = store.get_context_manifest(id).await?;
-    let manifest: ContextManifest =
-        serde_json::from_slice(&bytes).map_err(|e| ContextError::BadManifest {
-            id: id.to_string(),
-            reason: e.to_string(),
-        })?;
-    if manifest.version != MANIFEST_VERSION {
-        return Err(ContextError::BadManifest {
-            id: id.to_string(),
-            reason: format!("unknown version {}", manifest.version),
-        });
-    }
+    let manifest = ContextManifest::decode(&bytes).map_err(|reason| ContextError::BadManifest {
+        id: id.to_string(),
+        reason,
+    })?;
     fs::create_dir_all(cache_dir).map_err(io("create directory", cache_dir))?;
     let tmp = cache_dir.join(format!(".tmp-{id}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
@@ -385,6 +440,68 @@ mod tests {
             source_digest(&ctx, &spec, Some(&ignore)).unwrap(),
             source_digest(&local, &spec, Some(&ignore)).unwrap()
         );
+    }
+
+    /// A manifest from a hostile client: each way of writing outside the context, through a
+    /// symlink, or without content is refused before anything is written.
+    #[test]
+    fn hostile_manifests_are_refused_when_decoded() {
+        let entry = |path: &str, kind: &str, extra: &str| {
+            format!(
+                r#"{{"path":"{path}","kind":"{kind}","mode":420,"uid":0,"gid":0,"mtime":0,"mtime_nsec":0{extra}}}"#
+            )
+        };
+        let key = format!(r#","blake3":"{}""#, "a".repeat(64));
+        let manifest =
+            |entries: &[String]| format!(r#"{{"version":1,"entries":[{}]}}"#, entries.join(","));
+        let ok = manifest(&[
+            entry("d", "dir", ""),
+            entry("d/f", "file", &key),
+            entry("l", "symlink", r#","target":"/etc""#),
+        ]);
+        assert!(ContextManifest::decode(ok.as_bytes()).is_ok(), "{ok}");
+        for (bad, why) in [
+            (
+                manifest(&[
+                    entry("a", "symlink", r#","target":"/some/dir""#),
+                    entry("a/x", "file", &key),
+                ]),
+                "its parent is not a directory",
+            ),
+            (
+                manifest(&[entry("../x", "file", &key)]),
+                "leaves the context",
+            ),
+            (
+                manifest(&[entry("/etc/x", "file", &key)]),
+                "leaves the context",
+            ),
+            (
+                manifest(&[entry("a/./x", "file", &key)]),
+                "leaves the context",
+            ),
+            (
+                manifest(&[entry("x/y", "file", &key)]),
+                "not listed before it",
+            ),
+            (manifest(&[entry("f", "file", "")]), "without a content key"),
+            (
+                manifest(&[entry("f", "file", r#","blake3":"../../x""#)]),
+                "without a content key",
+            ),
+            (
+                manifest(&[entry("f", "file", &key), entry("f", "dir", "")]),
+                "listed twice",
+            ),
+            (manifest(&[entry("s", "symlink", "")]), "without a target"),
+            (
+                r#"{"version":2,"entries":[]}"#.to_string(),
+                "unknown version",
+            ),
+        ] {
+            let err = ContextManifest::decode(bad.as_bytes()).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[tokio::test]
