@@ -177,7 +177,17 @@ pub enum ShellError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A replacement that would make the word longer than [`MAX_EXPANSION`] bytes (nested
+    /// `${VAR//pattern/...}` grow exponentially: a hostile Dockerfile must not exhaust memory).
+    #[error("failed to process {word:?}: the expansion would exceed {MAX_EXPANSION} bytes")]
+    TooLarge {
+        /// The word being expanded.
+        word: String,
+    },
 }
+
+/// The largest a `${VAR/pattern/replacement}` may make a value, in bytes.
+pub const MAX_EXPANSION: usize = 1 << 20;
 
 impl ShellError {
     /// The word whose expansion failed.
@@ -190,7 +200,8 @@ impl ShellError {
             | ShellError::UnterminatedSingleQuote { word }
             | ShellError::UnterminatedDoubleQuote { word }
             | ShellError::Required { word, .. }
-            | ShellError::InvalidPattern { word, .. } => word,
+            | ShellError::InvalidPattern { word, .. }
+            | ShellError::TooLarge { word } => word,
         }
     }
 }
@@ -206,6 +217,7 @@ enum Fail {
     UnterminatedDoubleQuote,
     Required { name: String, message: String },
     InvalidPattern { pattern: String, reason: String },
+    TooLarge,
 }
 
 impl Fail {
@@ -230,6 +242,7 @@ impl Fail {
                 pattern,
                 reason,
             },
+            Fail::TooLarge => ShellError::TooLarge { word },
         }
     }
 }
@@ -659,6 +672,14 @@ impl<'a> Scanner<'a> {
         };
         let glob = Glob::compile(&pattern, true).map_err(invalid)?;
         let value: Vec<char> = value.unwrap_or_default().chars().collect();
+        // An empty pattern matches between every character: the bound covers that worst case.
+        let largest = value
+            .len()
+            .saturating_mul(4)
+            .saturating_add((value.len() + 1).saturating_mul(replacement.len()));
+        if largest > MAX_EXPANSION {
+            return Err(Fail::TooLarge);
+        }
         if all {
             return Ok(glob.replace_all(&value, &replacement));
         }
@@ -1385,6 +1406,22 @@ mod tests {
         // The pattern can come from a variable, unicode is matched by character.
         assert_eq!(ok("${F#$N}", &[("F", "한국어"), ("N", "?")]), "국어");
         assert_eq!(ok("${F%\\}}", &[("F", "a}")]), "a");
+    }
+
+    #[test]
+    fn replacements_cannot_exhaust_memory() {
+        let env = vec![("P".to_string(), "x".repeat(2000))];
+        let lexer = Lexer::new('\\');
+        // An empty pattern with the value itself as the replacement: 2001 copies of it.
+        let word = "${P///${P}}";
+        assert!(matches!(
+            lexer.process_word(word, &env),
+            Err(ShellError::TooLarge { .. })
+        ));
+        assert_eq!(
+            lexer.process_word("${P//x/y}", &env).unwrap(),
+            "y".repeat(2000)
+        );
     }
 
     #[test]
