@@ -444,7 +444,7 @@ pub struct TargetRef {
 }
 
 /// Instances recorded before plans said whether they run a command: assume they do.
-fn executes_by_default() -> bool {
+pub(super) fn executes_by_default() -> bool {
     true
 }
 

@@ -200,10 +200,6 @@ impl BuildStatus {
     }
 }
 
-fn executes_by_default() -> bool {
-    true
-}
-
 /// A failed step's message with its stage and platform at the end of its first line:
 /// the message itself starts with what it is about (`Dockerfile:3: RUN make: exit code 2`),
 /// and the lines after the first (the Dockerfile excerpt, the step's last output) stay as
@@ -239,7 +235,7 @@ pub struct Job {
     pub name: String,
     pub platform: Platform,
     /// Whether it runs a command: only then must its worker run its platform.
-    #[serde(default = "executes_by_default")]
+    #[serde(default = "command::executes_by_default")]
     pub executes: bool,
     /// Jobs it needs (same build).
     pub deps: Vec<JobId>,
