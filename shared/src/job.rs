@@ -137,7 +137,8 @@ fn check_file_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn is_blake3_hex(s: &str) -> bool {
+/// Whether `s` is a blake3 key as the store names it: 64 lower-case hex digits.
+pub fn is_blake3_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

@@ -96,11 +96,8 @@ impl ContextManifest {
             if e.mode > 0o7777 || !(0..1_000_000_000).contains(&e.mtime_nsec) {
                 return bad("mode or time out of range");
             }
-            let key_ok = |k: &Option<String>| {
-                k.as_deref().is_some_and(|k| {
-                    k.len() == 64 && k.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                })
-            };
+            let key_ok =
+                |k: &Option<String>| k.as_deref().is_some_and(strata_shared::job::is_blake3_hex);
             match e.kind {
                 EntryKind::File if !key_ok(&e.blake3) => {
                     return bad("a file without a content key");
@@ -335,19 +332,9 @@ async fn fill(
     manifest: &ContextManifest,
     root: &Path,
 ) -> Result<(), ContextError> {
+    // `manifest` was decoded: every path is plain and below a directory listed before it.
     for e in &manifest.entries {
-        let rel = Path::new(&e.path);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(ContextError::BadManifest {
-                id: id.to_string(),
-                reason: format!("path {:?} leaves the context", e.path),
-            });
-        }
-        let path = root.join(rel);
+        let path = root.join(&e.path);
         match e.kind {
             EntryKind::Dir => fs::create_dir(&path).map_err(io("create directory", &path))?,
             EntryKind::File => {
